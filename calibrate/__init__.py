@@ -1,0 +1,1 @@
+"""servetwin calibrate: fit timing profiles from measured forward passes (later issue)."""

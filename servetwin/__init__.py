@@ -1,0 +1,1 @@
+"""servetwin command-line layer (thin: parsing, printing, files)."""

@@ -1,0 +1,87 @@
+"""`servetwin` command line. Thin: parse, call the packages, print, write files."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sim.errors import ServetwinError
+
+DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "default.yaml"
+
+
+def _run_dir(root: Path, name: str, out: str | None) -> Path:
+    if out:
+        d = Path(out)
+    else:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "run"
+        d = root / f"{safe}-{stamp}"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from sim.scenario import load_scenario, scenario_to_dict
+    from sim.simulate import resolve, simulate
+
+    from .output import format_summary, write_records, write_summary, write_yaml
+
+    loaded = load_scenario(args.scenario, args.set)
+    sc = loaded.scenario
+    t0 = time.perf_counter()
+    resolved = resolve(loaded)
+    mode = "step-by-step" if args.step_by_step else "fast-forward"
+    print(f"servetwin: {sc.name}: {len(resolved.trace):,} requests, {sc.cluster.num_workers} x "
+          f"{resolved.model.name} on {resolved.gpu.name} TP {sc.engine.tensor_parallel_size} "
+          f"({mode})", file=sys.stderr, flush=True)
+    print(f"  KV cache: {resolved.kv_capacity_note}", file=sys.stderr, flush=True)
+    result = simulate(resolved, fast_forward=False if args.step_by_step else None)
+    wall = time.perf_counter() - t0
+    out = _run_dir(Path(args.reports), sc.name, args.out)
+    write_summary(out / "summary.json", result.summary)
+    rec_path = write_records(out / ("records.csv" if args.csv else "records.parquet"),
+                             result.records)
+    resolved_doc = {"scenario": scenario_to_dict(sc), "resolved": resolved.as_dict()}
+    write_yaml(out / "scenario.resolved.yaml", resolved_doc)
+    print(format_summary(result.summary))
+    sim_s = result.summary["duration_s"]
+    print(f"\n  simulated {sim_s:,.1f} s in {wall:.2f} s wall"
+          + (f" ({sim_s / wall:,.0f}x real time)" if wall > 0 else ""))
+    print(f"  wrote {rec_path}, {out / 'summary.json'}, {out / 'scenario.resolved.yaml'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="servetwin",
+                                description="Simulate-then-verify harness for LLM serving")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("simulate", help="replay a scenario's trace through the twin")
+    s.add_argument("scenario", nargs="?", default=str(DEFAULT_SCENARIO),
+                   help="scenario YAML (default: the bundled default scenario)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario field, e.g. --set cluster.num_workers=4")
+    s.add_argument("--reports", default="reports", help="folder for run folders")
+    s.add_argument("--out", default=None, help="exact output folder (default reports/<run-id>)")
+    s.add_argument("--csv", action="store_true", help="write records.csv instead of parquet")
+    s.add_argument("--step-by-step", action="store_true",
+                   help="disable fast-forward (one event per forward pass)")
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except ServetwinError as e:
+        print(f"servetwin: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("servetwin: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,109 @@
+"""Writing results: records, summary and the resolved scenario of one run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from sim.metrics import RECORD_COLUMNS, Records
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return _clean(float(x))
+    return x
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    text = json.dumps(_clean(summary), indent=2, sort_keys=True) + "\n"
+    _atomic_write(path, text.encode())
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> None:
+    _atomic_write(path, yaml.safe_dump(_clean(data), sort_keys=False).encode())
+
+
+def records_table(records: Records) -> Any:
+    import pyarrow as pa
+
+    cols = {name: records.columns[name] for name in RECORD_COLUMNS}
+    arrays = {k: pa.array(v) for k, v in cols.items()}
+    off = records.token_offsets.astype(np.int32 if records.token_offsets[-1] < 2**31 else np.int64)
+    values = pa.array(records.token_times_s, type=pa.float64())
+    if off.dtype == np.int32:
+        arrays["token_times_s"] = pa.ListArray.from_arrays(pa.array(off), values)
+    else:
+        arrays["token_times_s"] = pa.LargeListArray.from_arrays(pa.array(off), values)
+    reasons = [records.reject_reasons.get(int(i), "") for i in cols["request_id"]]
+    arrays["reject_reason"] = pa.array(reasons, type=pa.string())
+    return pa.table(arrays)
+
+
+def write_records(path: Path, records: Records) -> Path:
+    """Parquet with one row per request; ``.csv`` gets the flat columns only."""
+    if path.suffix == ".csv":
+        import pandas as pd
+
+        df = pd.DataFrame({k: records.columns[k] for k in RECORD_COLUMNS})
+        df["reject_reason"] = [records.reject_reasons.get(int(i), "") for i in df["request_id"]]
+        tmp = path.with_name(path.name + ".tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(records_table(records), tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    s = summary
+
+    def row(label: str, value: str) -> None:
+        lines.append(f"  {label:<34}{value}")
+
+    lines.append("Requests")
+    row("completed / total", f"{s['num_completed']:,} / {s['num_requests']:,}"
+        + (f"  ({s['num_rejected']:,} rejected)" if s["num_rejected"] else ""))
+    row("duration (simulated)", f"{s['duration_s']:,.2f} s")
+    row("request throughput", f"{s['request_throughput_per_s']:.3f} req/s")
+    row("output token throughput", f"{s['output_throughput_tokens_per_s']:,.1f} tok/s")
+    row("total token throughput", f"{s['total_throughput_tokens_per_s']:,.1f} tok/s")
+    row("prefix cache hit rate", f"{100 * s['prefix_cache_hit_rate']:.2f} %")
+    row("preemptions", f"{s['num_preemptions']:,}")
+    eng = s.get("engine")
+    if eng:
+        row("KV usage mean / max", f"{100 * eng['kv_usage_mean']:.1f} % / "
+            f"{100 * eng['kv_usage_max']:.1f} %")
+        row("forward passes", f"{eng['num_forward_passes']:,}")
+    lines.append("")
+    lines.append(f"  {'latency (ms)':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"),
+                       ("e2e_s", "E2E")):
+        st = s[key]
+        vals = "".join(f"{1000 * st[k]:>10.2f}" for k in ("mean", "p50", "p90", "p99"))
+        lines.append(f"  {label:<14}{vals}")
+    return "\n".join(lines)

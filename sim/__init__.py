@@ -1,0 +1,1 @@
+"""servetwin's simulator: a deterministic discrete-event twin of an LLM serving stack."""

@@ -1,0 +1,235 @@
+"""The cluster: one simpy Environment, arrivals -> router -> workers.
+
+Events are plain simpy events scheduled at absolute times with explicit
+priorities, so that simultaneous events happen in one fixed order whatever the
+mode (step-by-step or fast-forward) and whatever order they were created in::
+
+    at one instant t:  step ends (worker 0, 1, ...)      priority [0, 1)
+                       arrivals (trace order)             priority 1
+                       scheduling decisions (worker 0..)  priority [2, 3)
+
+A scheduling decision at t therefore sees every arrival and completion at t.
+simpy's own ``Timeout`` adds a delay to ``now``; a run's step boundaries are
+computed as a running sum, and ``now + (t - now)`` can miss ``t`` by an ulp,
+so events are pushed at their absolute time (``_at``).
+
+A worker executing a fast-forward run holds one event at the run's end. An
+arrival routed to it cuts the run at the first step boundary the arrival can
+influence (the in-flight step completes); steps already past are committed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from heapq import heappush
+
+import numpy as np
+import simpy
+
+from .engines.vllm import StepPlan, VllmEngine
+from .request import Request
+from .router import Router
+from .workload import ClosedLoop, Trace
+
+ARRIVAL_PRIORITY = 1.0
+
+
+class Counter:
+    """Python-level events handled, for the benchmark."""
+
+    def __init__(self) -> None:
+        self.events = 0
+
+
+def _at(env: simpy.Environment, time_s: float, priority: float,
+        callback: Callable[[simpy.Event], None]) -> None:
+    ev = simpy.Event(env)
+    ev._ok = True
+    ev._value = None
+    ev.callbacks.append(callback)
+    queue: list[tuple[float, float, int, simpy.Event]] = env._queue  # type: ignore[assignment]
+    heappush(queue, (time_s, priority, next(env._eid), ev))
+
+
+class Worker:
+    def __init__(self, cluster: Cluster, worker_id: int, engine: VllmEngine) -> None:
+        self.cluster = cluster
+        self.env = cluster.env
+        self.worker_id = worker_id
+        self.engine = engine
+        n = cluster.num_workers + 1
+        self._end_priority = worker_id / n
+        self._schedule_priority = 2.0 + worker_id / n
+        self.plan: StepPlan | None = None
+        self._gen = 0
+        self._schedule_armed = False
+
+    # -------------------------------------------------------------- intake
+    def submit(self, req: Request, now: float) -> None:
+        req.worker_id = self.worker_id
+        if not self.engine.add_request(req):
+            self.cluster.on_done(req, now)
+            return
+        plan = self.plan
+        if plan is None:
+            self._want_schedule(now)
+            return
+        if plan.num_steps > 1:
+            self.sync(now)
+            self._cut_run(plan, now)
+
+    def _cut_run(self, plan: StepPlan, now: float) -> None:
+        c = plan.committed
+        if c >= plan.num_steps - 1:
+            return  # the in-flight step is the last one anyway
+        if c > 0 and plan.ends[c - 1] == now:
+            # step c has not been decided yet in step-by-step terms: stop here
+            self.engine.truncate(plan, c)
+            self._gen += 1
+            self.plan = None
+            self._want_schedule(now)
+            return
+        self.engine.truncate(plan, c + 1)
+        self._arm_end(plan)
+
+    def sync(self, now: float) -> None:
+        """Commit the run's steps that ended by ``now`` (never the last one: its
+        own event commits it, with any completions)."""
+        plan = self.plan
+        if plan is None or plan.num_steps <= 1:
+            return
+        last = plan.num_steps - 1
+        m = int(np.searchsorted(plan.ends[:last], now, side="right"))
+        if m > plan.committed:
+            done = self.engine.commit(plan, m)
+            assert not done, "a decode run completes requests only in its last step"
+
+    # -------------------------------------------------------------- events
+    def _want_schedule(self, now: float) -> None:
+        if not self._schedule_armed:
+            self._schedule_armed = True
+            _at(self.env, now, self._schedule_priority, self._on_schedule)
+
+    def _on_schedule(self, _ev: simpy.Event) -> None:
+        self.cluster.counter.events += 1
+        self._schedule_armed = False
+        now = self.env.now
+        plan = self.engine.schedule(now)
+        for req in self.engine.take_rejected():
+            self.cluster.on_done(req, now)
+        if plan is None:
+            if self.engine.has_work:
+                self._want_schedule(now)  # everything running was preempted
+            return
+        self.plan = plan
+        self._arm_end(plan)
+
+    def _arm_end(self, plan: StepPlan) -> None:
+        self._gen += 1
+        gen = self._gen
+
+        def on_end(_ev: simpy.Event) -> None:
+            if gen == self._gen:
+                self._on_end(plan)
+
+        _at(self.env, plan.end_s, self._end_priority, on_end)
+
+    def _on_end(self, plan: StepPlan) -> None:
+        self.cluster.counter.events += 1
+        now = self.env.now
+        done = self.engine.commit(plan, plan.num_steps)
+        self.plan = None
+        for req in done:
+            self.cluster.on_done(req, now)
+        if self.engine.has_work:
+            self._want_schedule(now)
+
+
+@dataclass
+class SimOutcome:
+    requests: list[Request]
+    engines: list[VllmEngine]
+    sim_end_s: float
+    num_events: int
+
+
+class Cluster:
+    def __init__(self, engines: Sequence[VllmEngine], router: Router, trace: Trace,
+                 dense_hash_ids: np.ndarray, closed_loop: ClosedLoop | None = None) -> None:
+        """``dense_hash_ids``: the trace's hash ids renumbered densely (kv.dense_hash_ids)."""
+        self.env = simpy.Environment()
+        self.num_workers = len(engines)
+        self.workers = [Worker(self, i, e) for i, e in enumerate(engines)]
+        self.engines = list(engines)
+        self.router = router
+        self.trace = trace
+        self._dense = dense_hash_ids
+        self.closed_loop = closed_loop
+        self.counter = Counter()
+        self.requests: list[Request] = []
+        self._next_index = 0
+        n = len(trace)
+        if closed_loop is not None and closed_loop.num_requests is not None:
+            n = min(n, closed_loop.num_requests)
+        self._num_total = n
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------- arrivals
+    def _make(self, i: int, arrival_s: float) -> Request:
+        tr = self.trace
+        off = tr.hash_offsets
+        req = Request(i, arrival_s, int(tr.input_tokens[i]), int(tr.output_tokens[i]),
+                      self._dense[off[i]:off[i + 1]])
+        self.requests.append(req)
+        return req
+
+    def _route(self, req: Request, now: float) -> None:
+        workers = self.workers
+        if self.router.state_dependent:
+            for w in workers:
+                w.sync(now)
+        workers[self.router.choose(req, self.engines)].submit(req, now)
+
+    def _open_loop(self, _ev: simpy.Event) -> None:
+        self.counter.events += 1
+        now = self.env.now
+        arrivals = self.trace.arrival_s
+        i = self._next_index
+        while i < self._num_total and arrivals[i] == now:
+            self._route(self._make(i, now), now)
+            i += 1
+        self._next_index = i
+        if i < self._num_total:
+            _at(self.env, float(arrivals[i]), ARRIVAL_PRIORITY, self._open_loop)
+
+    def _release(self, now: float) -> None:
+        """Closed loop: the next request of the trace arrives now."""
+        i = self._next_index
+        if i < self._num_total:
+            self._next_index = i + 1
+            self._route(self._make(i, now), now)
+
+    def on_done(self, req: Request, now: float) -> None:
+        """A request finished or was refused; a closed loop replaces it at once."""
+        if self.closed_loop is not None:
+            self._release(now)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> SimOutcome:
+        if self._num_total:
+            if self.closed_loop is None:
+                _at(self.env, float(self.trace.arrival_s[0]), ARRIVAL_PRIORITY, self._open_loop)
+            else:
+                first = min(self.closed_loop.concurrency, self._num_total)
+
+                def start(_ev: simpy.Event) -> None:
+                    for _ in range(first):
+                        self._release(0.0)
+
+                _at(self.env, 0.0, ARRIVAL_PRIORITY, start)
+        self.env.run()
+        self.requests.sort(key=lambda r: r.rid)
+        return SimOutcome(self.requests, self.engines, float(self.env.now),
+                          self.counter.events)

@@ -1,0 +1,421 @@
+"""vLLM V1 engine model: one scheduler + KV block pool + timing model.
+
+Behaviour follows vllm-project/vllm:vllm/v1/core/sched/scheduler.py @ v0.33.0
+(``Scheduler.schedule``) and vllm/v1/core/kv_cache_manager.py (``allocate_slots``,
+``get_computed_blocks``). A step is a pipeline of named phases:
+
+1. ``_schedule_running``: the RUNNING list in order; each request gets
+   min(tokens to catch up, ``long_prefill_token_threshold`` if set, budget).
+   When its blocks cannot be allocated, the *last* running request is preempted
+   by recompute (blocks freed, computed tokens reset, prepended to WAITING),
+   repeatedly, until the allocation fits or the request preempted itself.
+2. ``_schedule_waiting`` (only if step 1 preempted nothing): WAITING in FCFS
+   order while budget remains and running < ``max_num_seqs``: prefix-cache
+   lookup (whole blocks, at most ``num_tokens - 1`` tokens), chunk to the budget
+   (without chunked prefill a prompt that does not fit stops admission),
+   admission only if the blocks fit — for the whole prompt when
+   ``scheduler_reserve_full_isl`` — keeping ``watermark`` of the pool free.
+3. ``_build``: batch aggregates for the timing model and, when the batch is a
+   pure decode batch that nothing can change, a fast-forward run (below).
+
+Fast-forward. After a pure-decode step where every running request was
+scheduled and admission refused (or nothing waits), the following steps are
+identical except that each context grows by one token: no request joins
+(a refusal stays a refusal: free blocks only fall, the running set is fixed),
+none leaves before the first completion. The plan then covers k steps at once,
+k = min(steps to the first completion, steps until the pool runs out of blocks
+for the growing contexts). Blocks for steps 1..k-1 are taken lazily, in the
+same (step, running order) sequence step-by-step mode takes them, when steps
+are committed; a run can be cut short at any step boundary (a new arrival),
+and then only the committed steps have happened.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kv import BlockPool, PrefixLayout
+from ..request import Request
+from ..steplog import StepLog
+from ..timing import TimingModel
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """Resolved vLLM scheduler/cache knobs (no 'auto' left)."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_gpu_blocks: int
+    block_size: int = 16
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = 0
+    scheduler_reserve_full_isl: bool = True
+    watermark: float = 0.0
+    max_model_len: int = 131072
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class StepPlan:
+    """What one step (or one fast-forward run of identical decode steps) does."""
+
+    __slots__ = ("committed", "cum_needs", "decode_seqs", "ends", "first_step", "j0",
+                 "num_prefill_tokens", "num_steps", "preempted", "requests", "scheduled",
+                 "start_s", "used", "waiting_len")
+
+    def __init__(self) -> None:
+        self.scheduled: list[tuple[Request, int]] = []
+        self.preempted: list[Request] = []
+        self.num_steps = 1
+        self.committed = 0
+        self.first_step = 0
+        self.start_s = 0.0
+        self.ends: np.ndarray = np.empty(0)
+        self.used: np.ndarray = np.empty(0, dtype=np.int64)
+        self.num_prefill_tokens = 0
+        self.decode_seqs = 0
+        self.waiting_len = 0
+        # fast-forward run only
+        self.requests: list[Request] = []
+        self.j0: np.ndarray | None = None
+        self.cum_needs: np.ndarray | None = None
+
+    @property
+    def is_run(self) -> bool:
+        return self.j0 is not None
+
+    @property
+    def end_s(self) -> float:
+        return float(self.ends[self.num_steps - 1])
+
+
+class VllmEngine:
+    def __init__(self, config: VllmConfig, timing: TimingModel, hash_block_tokens: int,
+                 num_hash_ids: int, fast_forward: bool = True) -> None:
+        """``num_hash_ids``: requests' hash ids are dense in [0, num_hash_ids)."""
+        self.config = config
+        self.timing = timing
+        self.fast_forward = fast_forward
+        self.pool = BlockPool(config.num_gpu_blocks, config.block_size, hash_block_tokens,
+                              num_hash_ids, enable_caching=config.enable_prefix_caching)
+        self.hash_block_tokens = hash_block_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.steps = StepLog()
+        self.num_preemptions = 0
+        self.num_prefix_hit_tokens = 0
+        self.num_prefix_query_tokens = 0
+        self._rejected: list[Request] = []
+        self._watermark_blocks = int(config.watermark * self.pool.num_usable)
+
+    # ---------------------------------------------------------------- intake
+    def add_request(self, req: Request) -> bool:
+        """Queue a request; False (and ``reject_reason`` set) if vLLM would refuse it."""
+        if req.prompt_tokens + req.max_output_tokens > self.config.max_model_len:
+            # vLLM's OpenAI server answers 400 when prompt + max_tokens exceeds
+            # max_model_len (vllm/entrypoints/openai/serving_engine.py @ v0.33.0)
+            req.reject_reason = (f"prompt {req.prompt_tokens} + output {req.max_output_tokens} "
+                                 f"tokens > max_model_len {self.config.max_model_len}")
+            return False
+        self.waiting.append(req)
+        return True
+
+    def take_rejected(self) -> list[Request]:
+        out, self._rejected = self._rejected, []
+        return out
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self, now: float) -> StepPlan | None:
+        plan = StepPlan()
+        plan.start_s = now
+        budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        refused = True
+        if not plan.preempted:
+            refused = self._schedule_waiting(plan, budget)
+        if not plan.scheduled:
+            return None
+        self._build(plan, now, refused)
+        return plan
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+        cfg = self.config
+        pool = self.pool
+        thr = cfg.long_prefill_token_threshold
+        running = self.running
+        i = 0
+        while i < len(running) and budget > 0:
+            req = running[i]
+            n = req.num_tokens - req.num_computed
+            if 0 < thr < n:
+                n = thr
+            n = min(n, budget)
+            need = cdiv(req.num_computed + n, cfg.block_size) - len(req.blocks)
+            preempted_self = False
+            while need > pool.num_free:
+                victim = running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is req:
+                    preempted_self = True
+                    break
+            if preempted_self:
+                break
+            self._grow(req, n, need)
+            plan.scheduled.append((req, n))
+            budget -= n
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, plan: StepPlan, budget: int) -> bool:
+        """Admit from WAITING; True if admission stopped on a refusal (or nothing waits)."""
+        cfg = self.config
+        pool = self.pool
+        bs = cfg.block_size
+        while self.waiting and budget > 0:
+            if len(self.running) >= cfg.max_num_seqs:
+                return True
+            req = self.waiting[0]
+            hit = self._lookup(req)
+            computed = int(hit.size) * bs
+            n = req.num_tokens - computed
+            if 0 < cfg.long_prefill_token_threshold < n:
+                n = cfg.long_prefill_token_threshold
+            if not cfg.enable_chunked_prefill and n > budget:
+                return True
+            n = min(n, budget)
+            evictable = int(np.count_nonzero(pool.ref[hit] == 0)) if hit.size else 0
+            check_tokens = req.num_tokens if cfg.scheduler_reserve_full_isl else computed + n
+            need_check = cdiv(check_tokens, bs) - int(hit.size) + evictable
+            if need_check > pool.num_free - self._watermark_blocks:
+                if not self.running and need_check > pool.num_usable - self._watermark_blocks:
+                    # can never fit, even with an empty engine: refuse instead of hanging
+                    self.waiting.popleft()
+                    req.reject_reason = (f"needs {need_check} KV blocks, pool has "
+                                         f"{pool.num_usable - self._watermark_blocks} usable")
+                    self._rejected.append(req)
+                    continue
+                return True
+            self.waiting.popleft()
+            pool.touch(hit)
+            req.blocks = hit.tolist()
+            req.num_computed = computed
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = computed
+                self.num_prefix_hit_tokens += computed
+                self.num_prefix_query_tokens += req.num_tokens
+            self._grow(req, n, cdiv(computed + n, bs) - int(hit.size))
+            self.running.append(req)
+            plan.scheduled.append((req, n))
+            budget -= n
+        return True
+
+    def _lookup(self, req: Request) -> np.ndarray:
+        """Block ids of the request's cached prefix (vLLM get_computed_blocks)."""
+        pool = self.pool
+        if not pool.enable_caching:
+            return np.empty(0, dtype=np.int64)
+        bs = self.config.block_size
+        layout = req.layout
+        if layout is None:
+            layout = req.layout = PrefixLayout(req.hash_ids, req.prompt_tokens, bs,
+                                               self.hash_block_tokens)
+        # at least one token is recomputed to produce logits
+        max_blocks = (req.num_tokens - 1) // bs
+        hit = pool.lookup(layout.keys[: min(layout.num_hashed, max_blocks)])
+        prev = req.prev_blocks
+        if prev is not None and hit.size == layout.num_hashed and prev.size > hit.size:
+            # own blocks past the hashed prompt, still untouched since the preemption
+            tail = prev[hit.size:max_blocks]
+            assert req.prev_stamps is not None
+            ok = pool.alloc_stamp[tail] == req.prev_stamps[hit.size:hit.size + tail.size]
+            bad = np.flatnonzero(~ok)
+            keep = tail if bad.size == 0 else tail[: bad[0]]
+            if keep.size:
+                hit = np.concatenate([hit, keep])
+        return hit
+
+    def _grow(self, req: Request, n: int, need: int) -> None:
+        """Allocate ``need`` blocks for ``n`` new tokens and cache prompt blocks they fill."""
+        pool = self.pool
+        bs = self.config.block_size
+        if need > 0:
+            req.blocks.extend(pool.allocate(need).tolist())
+        if pool.enable_caching:
+            layout = req.layout
+            if layout is None:
+                layout = req.layout = PrefixLayout(req.hash_ids, req.prompt_tokens, bs,
+                                                   self.hash_block_tokens)
+            lo = min(req.num_computed // bs, layout.num_hashed)
+            hi = min((req.num_computed + n) // bs, layout.num_hashed)
+            if hi > lo:
+                # vLLM caches blocks at allocation, before the step computes them;
+                # a request admitted later in the same step may hit them
+                ids = np.asarray(req.blocks[lo:hi], dtype=np.int64)
+                pool.cache(ids, layout.keys[lo:hi])
+
+    def _preempt(self, req: Request) -> None:
+        bs = self.config.block_size
+        blocks = np.asarray(req.blocks, dtype=np.int64)
+        full = blocks[: req.num_computed // bs]
+        req.prev_blocks = full
+        req.prev_stamps = self.pool.alloc_stamp[full].copy()
+        self.pool.free(blocks)
+        req.blocks = []
+        req.num_computed = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ----------------------------------------------------------------- build
+    def _build(self, plan: StepPlan, now: float, refused: bool) -> None:
+        num_p = 0
+        work_p = 0.0
+        seqs_p = 0
+        num_d = 0
+        ctx_d = 0
+        for req, n in plan.scheduled:
+            c = req.num_computed
+            if n == 1 and c == req.num_tokens - 1:
+                num_d += 1
+                ctx_d += c + 1
+            else:
+                num_p += n
+                work_p += n * (c + (n + 1) / 2)
+                seqs_p += 1
+        plan.first_step = self.steps.num_steps
+        plan.num_prefill_tokens = num_p
+        plan.decode_seqs = num_d
+        plan.waiting_len = len(self.waiting)
+        used0 = self.pool.num_used
+        if (self.fast_forward and num_p == 0 and not plan.preempted and refused
+                and len(plan.scheduled) == len(self.running)):
+            k = self._plan_run(plan)
+            if k > 1:
+                dts = self.timing.decode_run_times(num_d, ctx_d, k)
+                plan.ends = np.cumsum(np.concatenate(([now], dts)))[1:]
+                assert plan.cum_needs is not None
+                plan.used = used0 + plan.cum_needs[:k]
+                return
+            plan.j0 = None
+            plan.cum_needs = None
+            plan.requests = []
+        dt = self.timing.step_time(num_p, work_p, seqs_p, num_d, ctx_d)
+        plan.ends = np.array([now + dt])
+        plan.used = np.array([used0], dtype=np.int64)
+
+    def _plan_run(self, plan: StepPlan) -> int:
+        """Length k of the decode run starting with this step; sets the block plan."""
+        reqs = [r for r, _ in plan.scheduled]
+        bs = self.config.block_size
+        k_done = min(r.max_output_tokens - r.num_output for r in reqs)
+        if k_done <= 1:
+            return 1
+        c = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(reqs))
+        # step j >= 1 needs a new block for a request iff (c + j) % bs == 0
+        rem = c % bs
+        j0 = np.where(rem == 0, bs, bs - rem)
+        per_residue = np.bincount(j0 % bs, minlength=bs)
+        steps = np.arange(k_done)
+        needs = per_residue[steps % bs]
+        needs[0] = 0  # step 0 was allocated by the scheduler
+        cum = np.cumsum(needs)
+        over = np.flatnonzero(cum > self.pool.num_free)
+        k = int(over[0]) if over.size else k_done
+        plan.requests = reqs
+        plan.j0 = j0
+        plan.cum_needs = cum
+        plan.num_steps = k
+        return k
+
+    # ---------------------------------------------------------------- commit
+    def truncate(self, plan: StepPlan, num_steps: int) -> None:
+        """Cut a run to its first ``num_steps`` steps (>= the committed ones)."""
+        plan.num_steps = max(num_steps, plan.committed)
+
+    def commit(self, plan: StepPlan, upto: int) -> list[Request]:
+        """Apply the plan's steps [committed, upto); return requests that finished."""
+        lo = plan.committed
+        if upto <= lo:
+            return []
+        plan.committed = upto
+        if plan.is_run:
+            return self._commit_run(plan, lo, upto)
+        end = float(plan.ends[0])
+        idx = plan.first_step
+        self.steps.append(plan.start_s, end, int(plan.used[0]), len(self.running), plan.waiting_len,
+                          plan.num_prefill_tokens, plan.decode_seqs)
+        for req, n in plan.scheduled:
+            req.num_computed += n
+            if req.num_computed == req.num_tokens:
+                req.num_output += 1
+                req.add_token_steps(idx, 1)
+                if req.num_output == 1:
+                    req.first_token_s = end
+        return self._finish(end)
+
+    def _commit_run(self, plan: StepPlan, lo: int, hi: int) -> list[Request]:
+        m = hi - lo
+        reqs = plan.requests
+        first_idx = plan.first_step + lo
+        assert plan.j0 is not None and plan.cum_needs is not None
+        start = plan.start_s if lo == 0 else float(plan.ends[lo - 1])
+        starts = np.concatenate(([start], plan.ends[lo:hi - 1]))
+        self.steps.extend(starts, plan.ends[lo:hi], plan.used[lo:hi], len(reqs), plan.waiting_len,
+                          0, len(reqs))
+        for req in reqs:
+            if req.num_output == 0:
+                # a prompt whose last chunk was one token joins a decode run
+                req.first_token_s = float(plan.ends[lo])
+            req.num_computed += m
+            req.num_output += m
+            req.add_token_steps(first_idx, m)
+        a = max(lo, 1)
+        if hi > a:
+            total = int(plan.cum_needs[hi - 1] - plan.cum_needs[a - 1])
+            if total:
+                self._hand_out_blocks(plan, a, hi, total)
+        return self._finish(float(plan.ends[hi - 1]))
+
+    def _hand_out_blocks(self, plan: StepPlan, a: int, hi: int, total: int) -> None:
+        """Allocate the blocks of run steps [a, hi) in step-by-step order:
+        by step, then by running order."""
+        bs = self.config.block_size
+        assert plan.j0 is not None
+        j0 = plan.j0
+        first = np.where(j0 >= a, j0, j0 + ((a - j0 + bs - 1) // bs) * bs)
+        cnt = np.maximum(0, (hi - first + bs - 1) // bs)
+        owner = np.repeat(np.arange(j0.size), cnt)
+        base = np.repeat(first, cnt)
+        offs = np.arange(owner.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        step = base + offs * bs
+        order = np.lexsort((owner, step))
+        ids = self.pool.allocate(total)
+        assert ids.size == owner.size
+        by_owner = np.empty_like(ids)
+        by_owner[order] = ids  # ids[i] goes to event order[i]; events are grouped by owner
+        bounds = np.cumsum(cnt)
+        reqs = plan.requests
+        for r in np.flatnonzero(cnt).tolist():
+            reqs[r].blocks.extend(by_owner[bounds[r] - cnt[r]:bounds[r]].tolist())
+
+    def _finish(self, end: float) -> list[Request]:
+        done = [r for r in self.running if r.num_output >= r.max_output_tokens]
+        if not done:
+            return done
+        self.running = [r for r in self.running if r.num_output < r.max_output_tokens]
+        for req in done:
+            req.finish_s = end
+            self.pool.free(np.asarray(req.blocks, dtype=np.int64))
+            req.blocks = []
+        return done

@@ -1,0 +1,231 @@
+"""KV-cache block pool with vLLM V1 prefix caching.
+
+Modelled on vllm-project/vllm:vllm/v1/core/block_pool.py and
+vllm/v1/core/kv_cache_utils.py (FreeKVCacheBlockQueue) @ v0.33.0:
+
+* ``num_blocks`` physical blocks of ``block_size`` tokens; block 0 is the null
+  block vLLM keeps aside, so ``num_blocks - 1`` are usable.
+* A block with ``ref == 0`` sits in the free queue. The queue is LRU: new
+  allocations pop from the head, freed blocks are appended at the tail. A
+  request frees its blocks in reverse order, so the tail of a prefix chain is
+  evicted before its head::
+
+      free queue   head -> [b7 b6 b5 | b3 b2] <- tail
+                            ^ request A freed (A held b5 b6 b7)
+* A full block that carries a prefix hash stays findable while it is free;
+  reallocating it evicts the hash. A prefix hit on a free block "touches" it:
+  the block leaves the free queue and its ``ref`` rises.
+
+Everything here is vectorised per request (numpy over the request's blocks),
+never a Python loop per block: a long trace allocates millions of blocks.
+The free queue is a deque of id chunks; an entry stays valid only while the
+block's free stamp matches, so a touched block is removed in O(1) by bumping its
+stamp (the old entry becomes a tombstone, skipped when popped).
+
+Prefix keys. A trace gives one id per ``hash_block_tokens`` tokens (T = 512 for
+Mooncake), chained so that id k names the whole prefix up to the end of trace
+block k. Ids are renumbered densely (0..H-1) once per trace. Engine block j
+(tokens [j*B, (j+1)*B)) ends inside trace block k = ((j+1)*B - 1) // T, at
+offset r; its key is ``dense_id[k] * S + (r - 1) // B`` with S = ceil(T / B)
+slots per trace block. The cache index is then one flat array (key -> block),
+so lookups and inserts are numpy gathers and scatters, never a Python loop.
+
+Eviction is lazy: a block remembers its key (``blk_key``); an index entry is
+valid only while its block still holds that key, so reallocating a block
+evicts it by clearing one array element. (vLLM also indexes a second block
+with identical content; here only the first copy is indexed, so after it is
+evicted the second copy is not found. Such copies arise only when a request
+computes a block it could not hit, e.g. past a missing earlier block.)
+
+Blocks beyond the hashed prompt (generated tokens, or prompts without hashes)
+are unique to their request; a request re-admitted after preemption finds its
+own such blocks again if they were not reallocated (checked by stamp).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+NO_KEY = -1
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, hash_block_tokens: int,
+                 num_hash_ids: int = 0, enable_caching: bool = True) -> None:
+        if num_blocks < 2:
+            raise ValueError("a block pool needs at least 2 blocks (one is the null block)")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        t = hash_block_tokens if hash_block_tokens > 0 else block_size
+        self.hash_block_tokens = t
+        self.slots_per_hash = (t - 1) // block_size + 1
+        self.ref = np.zeros(num_blocks, dtype=np.int32)
+        # stamp of the block's current stay in the free queue / of its current allocation
+        self._free_stamp = np.zeros(num_blocks, dtype=np.int64)
+        self.alloc_stamp = np.zeros(num_blocks, dtype=np.int64)
+        self._stamp = 0
+        self.blk_key = np.full(num_blocks, NO_KEY, dtype=np.int64)
+        size = num_hash_ids * self.slots_per_hash if enable_caching else 0
+        self._index = np.full(size, -1, dtype=np.int32 if num_blocks < 2**31 else np.int64)
+        ids = np.arange(1, num_blocks, dtype=np.int64)
+        self._queue: deque[tuple[np.ndarray, np.ndarray]] = deque()
+        self._head = 0
+        self.num_free = 0
+        self._append_free(ids)
+        self.num_evicted = 0
+
+    # ------------------------------------------------------------------ queue
+    def _append_free(self, ids: np.ndarray) -> None:
+        if ids.size == 0:
+            return
+        stamps = np.arange(self._stamp + 1, self._stamp + 1 + ids.size, dtype=np.int64)
+        self._stamp += ids.size
+        self._free_stamp[ids] = stamps
+        self._queue.append((ids, stamps))
+        self.num_free += ids.size
+
+    def _pop_free(self, n: int) -> np.ndarray:
+        """The ``n`` blocks at the head of the free queue, in LRU order."""
+        if n > self.num_free:
+            raise RuntimeError(f"pop {n} blocks with {self.num_free} free")  # engine bug
+        parts = []
+        need = n
+        while need:
+            ids, stamps = self._queue[0]
+            ids, stamps = ids[self._head:], stamps[self._head:]
+            valid = self._free_stamp[ids] == stamps
+            live = ids[valid]
+            if live.size <= need:
+                parts.append(live)
+                need -= live.size
+                self._queue.popleft()
+                self._head = 0
+            else:
+                parts.append(live[:need])
+                # skip past the entry that supplied the last block taken
+                self._head += int(np.flatnonzero(valid)[need - 1]) + 1
+                need = 0
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._free_stamp[out] = 0
+        self.num_free -= n
+        return out
+
+    # ------------------------------------------------------------- allocation
+    def allocate(self, n: int) -> np.ndarray:
+        """Pop ``n`` blocks for a request; evicts any prefix hashes they held."""
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        ids = self._pop_free(n)
+        self.ref[ids] = 1
+        stamps = np.arange(self._stamp + 1, self._stamp + 1 + n, dtype=np.int64)
+        self._stamp += n
+        self.alloc_stamp[ids] = stamps
+        keyed = self.blk_key[ids] != NO_KEY
+        if keyed.any():
+            self.num_evicted += int(np.count_nonzero(keyed))
+            self.blk_key[ids] = NO_KEY
+        return ids
+
+    def touch(self, ids: np.ndarray) -> None:
+        """Take a reference on cached blocks found by a prefix hit."""
+        if ids.size == 0:
+            return
+        was_free = ids[self.ref[ids] == 0]
+        self.ref[ids] += 1
+        if was_free.size:
+            self._free_stamp[was_free] = 0  # their queue entries become tombstones
+            self.num_free -= int(was_free.size)
+
+    def free(self, ids: np.ndarray) -> None:
+        """Drop one reference on each block, ``ids`` in the request's order;
+        blocks reaching zero join the free queue tail-first (vLLM frees in reverse)."""
+        if ids.size == 0:
+            return
+        rev = ids[::-1]
+        self.ref[rev] -= 1
+        self._append_free(rev[self.ref[rev] == 0])
+
+    # ------------------------------------------------------------ prefix cache
+    def cache(self, ids: np.ndarray, keys: np.ndarray) -> None:
+        """Index full blocks under their prefix keys; a key already held by a
+        live block keeps that block."""
+        if not self.enable_caching or ids.size == 0:
+            return
+        new = self.blk_key[ids] == NO_KEY
+        if not new.all():
+            ids, keys = ids[new], keys[new]
+        cur = self._index[keys]
+        held = (cur >= 0) & (self.blk_key[np.maximum(cur, 0)] == keys)
+        self.blk_key[ids] = keys
+        if held.any():
+            ids, keys = ids[~held], keys[~held]
+        self._index[keys] = ids
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Block ids of the longest leading run of ``keys`` found in the cache."""
+        if not self.enable_caching or keys.size == 0:
+            return np.empty(0, dtype=np.int64)
+        cand = self._index[keys].astype(np.int64)
+        ok = (cand >= 0) & (self.blk_key[np.maximum(cand, 0)] == keys)
+        if ok.all():
+            return cand
+        return cand[: int(np.argmin(ok))]
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_usable(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_used(self) -> int:
+        return self.num_usable - self.num_free
+
+    def free_queue_order(self) -> list[int]:
+        """Block ids in the free queue, head (next evicted) first. For tests."""
+        out: list[int] = []
+        for i, (ids, stamps) in enumerate(self._queue):
+            sl = slice(self._head, None) if i == 0 else slice(None)
+            live = ids[sl][self._free_stamp[ids[sl]] == stamps[sl]]
+            out.extend(live.tolist())
+        return out
+
+    def cached_block(self, key: int) -> int:
+        """The live block indexed under ``key``, or -1."""
+        b = int(self._index[key])
+        return b if b >= 0 and self.blk_key[b] == key else -1
+
+
+class PrefixLayout:
+    """Prefix keys of a request's engine blocks.
+
+    For a prompt of ``input_tokens`` with dense trace ids ``dense_ids`` (one per
+    ``T`` tokens), the first ``num_hashed`` engine blocks are the full blocks
+    lying inside the hashed prompt; ``keys[j]`` is block j's cache key.
+    """
+
+    __slots__ = ("keys", "num_hashed")
+
+    def __init__(self, dense_ids: np.ndarray, input_tokens: int, block_size: int,
+                 hash_block_tokens: int) -> None:
+        t = hash_block_tokens
+        covered = min(input_tokens, len(dense_ids) * t) if t > 0 else 0
+        n = covered // block_size
+        self.num_hashed = n
+        if n == 0:
+            self.keys = np.empty(0, dtype=np.int64)
+            return
+        slots = (t - 1) // block_size + 1
+        end = np.arange(1, n + 1, dtype=np.int64) * block_size
+        k = (end - 1) // t
+        self.keys = dense_ids[k].astype(np.int64) * slots + (end - k * t - 1) // block_size
+
+
+def dense_hash_ids(hash_ids: np.ndarray) -> tuple[np.ndarray, int]:
+    """Renumber a trace's hash ids to 0..H-1 (identity is all the cache needs)."""
+    if hash_ids.size == 0:
+        return hash_ids.astype(np.int64), 0
+    uniq, dense = np.unique(hash_ids, return_inverse=True)
+    return dense.astype(np.int64), int(uniq.size)

@@ -1,0 +1,188 @@
+"""Per-request records and the one summary function.
+
+A record is one flat row per request (``RECORD_COLUMNS``) plus its token times
+as a ragged array (``token_offsets`` / ``token_times_s``). The simulator writes
+them and the verify stage will measure them; ``summarize`` computes every
+figure from records alone, so predicted and measured numbers are defined the
+same way. Definitions follow ``vllm bench serve``
+(vllm-project/vllm:vllm/benchmarks/serve.py @ v0.33.0, calculate_metrics):
+
+* TTFT  = first token time - arrival (send) time
+* TPOT  = (E2E - TTFT) / (output tokens - 1), per request with > 1 token
+* ITL   = every gap between consecutive tokens of a request, pooled
+* E2E   = finish time - arrival time
+* duration = last finish - first arrival; throughputs divide by it
+* percentiles: numpy's linear interpolation, as vLLM's
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .cluster import SimOutcome
+
+RECORD_COLUMNS = ("request_id", "arrival_s", "first_token_s", "finish_s", "num_prompt_tokens",
+                  "num_cached_tokens", "num_output_tokens", "worker_id", "num_preemptions",
+                  "status")
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class Records:
+    columns: dict[str, np.ndarray]
+    token_offsets: np.ndarray  # int64, len n+1
+    token_times_s: np.ndarray  # float64, request i's tokens at [offsets[i], offsets[i+1])
+    reject_reasons: dict[int, str]
+
+    def __len__(self) -> int:
+        return int(self.columns["request_id"].size)
+
+
+def build_records(outcome: SimOutcome) -> Records:
+    reqs = outcome.requests
+    n = len(reqs)
+    cols: dict[str, np.ndarray] = {
+        "request_id": np.fromiter((r.rid for r in reqs), np.int64, n),
+        "arrival_s": np.fromiter((r.arrival_s for r in reqs), np.float64, n),
+        "first_token_s": np.fromiter((r.first_token_s for r in reqs), np.float64, n),
+        "finish_s": np.fromiter((r.finish_s for r in reqs), np.float64, n),
+        "num_prompt_tokens": np.fromiter((r.prompt_tokens for r in reqs), np.int64, n),
+        "num_cached_tokens": np.fromiter((max(r.num_cached_tokens, 0) for r in reqs),
+                                         np.int64, n),
+        "num_output_tokens": np.fromiter((r.num_output for r in reqs), np.int64, n),
+        "worker_id": np.fromiter((r.worker_id for r in reqs), np.int64, n),
+        "num_preemptions": np.fromiter((r.num_preemptions for r in reqs), np.int64, n),
+    }
+    cols["status"] = np.array(["rejected" if r.reject_reason else "ok" for r in reqs],
+                              dtype=object)
+    offsets, times = _token_times(outcome)
+    reasons = {r.rid: r.reject_reason for r in reqs if r.reject_reason}
+    return Records(cols, offsets, times, reasons)
+
+
+def _token_times(outcome: SimOutcome) -> tuple[np.ndarray, np.ndarray]:
+    """Expand each request's step ranges into token times (vectorised)."""
+    ends = [e.steps.column("end_s") for e in outcome.engines]
+    base = np.cumsum([0] + [a.size for a in ends])
+    all_ends = np.concatenate(ends) if ends else np.empty(0)
+    starts: list[int] = []
+    stops: list[int] = []
+    per_req = np.zeros(len(outcome.requests), dtype=np.int64)
+    for i, r in enumerate(outcome.requests):
+        ts = r.token_steps
+        if not ts:
+            continue
+        b = int(base[r.worker_id])
+        total = 0
+        for j in range(0, len(ts), 2):
+            starts.append(ts[j] + b)
+            stops.append(ts[j + 1] + b)
+            total += ts[j + 1] - ts[j]
+        per_req[i] = total
+    offsets = np.concatenate(([0], np.cumsum(per_req)))
+    a = np.asarray(starts, dtype=np.int64)
+    lens = np.asarray(stops, dtype=np.int64) - a
+    idx = np.repeat(a - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(lens.sum())
+    return offsets, all_ends[idx]
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+    if x.size == 0:
+        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in PERCENTILES}}
+    out = {"mean": float(np.mean(x))}
+    for p, v in zip(PERCENTILES, np.percentile(x, PERCENTILES), strict=True):
+        out[f"p{p}"] = float(v)
+    return out
+
+
+def summarize(records: Records) -> dict[str, Any]:
+    c = records.columns
+    ok = c["status"] == "ok"
+    arrival = c["arrival_s"][ok]
+    first = c["first_token_s"][ok]
+    finish = c["finish_s"][ok]
+    out_tokens = c["num_output_tokens"][ok]
+    prompt = c["num_prompt_tokens"][ok]
+    ttft = first - arrival
+    e2e = finish - arrival
+    multi = out_tokens > 1
+    tpot = (e2e[multi] - ttft[multi]) / (out_tokens[multi] - 1)
+    off = records.token_offsets
+    times = records.token_times_s
+    gaps = np.diff(times)
+    # drop the gap between one request's last token and the next request's first
+    boundary = np.zeros(gaps.size, dtype=bool)
+    inner = off[1:-1]
+    inner = inner[(inner > 0) & (inner <= gaps.size)]
+    boundary[inner - 1] = True
+    ok_tok = np.repeat(ok, np.diff(off))
+    keep = ~boundary & ok_tok[1:] if gaps.size else boundary
+    itl = gaps[keep]
+    n_all = len(records)
+    duration = float(finish.max() - c["arrival_s"].min()) if ok.any() else 0.0
+    rate = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
+    return {
+        "num_requests": n_all,
+        "num_completed": int(ok.sum()),
+        "num_rejected": int(n_all - ok.sum()),
+        "duration_s": duration,
+        "request_throughput_per_s": rate(int(ok.sum())),
+        "output_throughput_tokens_per_s": rate(int(out_tokens.sum())),
+        "total_throughput_tokens_per_s": rate(int(out_tokens.sum() + prompt.sum())),
+        "ttft_s": _stats(ttft),
+        "tpot_s": _stats(tpot),
+        "itl_s": _stats(itl),
+        "e2e_s": _stats(e2e),
+        "prefix_cache_hit_rate": (float(c["num_cached_tokens"][ok].sum() / prompt.sum())
+                                  if prompt.sum() else 0.0),
+        "num_preemptions": int(c["num_preemptions"].sum()),
+    }
+
+
+def engine_summary(outcome: SimOutcome, duration_s: float) -> dict[str, Any]:
+    """Figures only the simulator knows: forward passes, KV usage over time."""
+    steps = 0
+    usage_time = 0.0
+    usage_max = 0.0
+    per_worker = []
+    for e in outcome.engines:
+        s = e.steps
+        steps += s.num_steps
+        dur = s.column("end_s") - s.column("start_s")
+        frac = s.column("kv_used_blocks") / e.pool.num_usable
+        w_time = float((frac * dur).sum())
+        usage_time += w_time
+        w_max = float(frac.max()) if frac.size else 0.0
+        usage_max = max(usage_max, w_max)
+        per_worker.append({"num_steps": int(s.num_steps),
+                           "kv_usage_mean": w_time / duration_s if duration_s > 0 else 0.0,
+                           "kv_usage_max": w_max,
+                           "num_gpu_blocks": int(e.pool.num_blocks)})
+    n = max(len(outcome.engines), 1)
+    return {
+        "num_forward_passes": steps,
+        "num_events": outcome.num_events,
+        "kv_usage_mean": usage_time / (duration_s * n) if duration_s > 0 else 0.0,
+        "kv_usage_max": usage_max,
+        "workers": per_worker,
+    }
+
+
+def kv_usage_series(outcome: SimOutcome, interval_s: float = 1.0) -> dict[str, np.ndarray]:
+    """KV usage of each worker sampled every ``interval_s`` (0 while idle)."""
+    t_end = max((float(e.steps.column("end_s")[-1]) for e in outcome.engines
+                 if e.steps.num_steps), default=0.0)
+    grid = np.arange(0.0, t_end + interval_s, interval_s)
+    out = {"time_s": grid}
+    for i, e in enumerate(outcome.engines):
+        starts = e.steps.column("start_s")
+        ends = e.steps.column("end_s")
+        frac = e.steps.column("kv_used_blocks") / e.pool.num_usable
+        k = np.searchsorted(starts, grid, side="right") - 1
+        inside = (k >= 0) & (grid < ends[np.maximum(k, 0)]) if ends.size else np.zeros_like(grid,
+                                                                                           bool)
+        out[f"worker_{i}"] = np.where(inside, frac[np.maximum(k, 0)] if frac.size else 0.0, 0.0)
+    return out

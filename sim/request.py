@@ -1,0 +1,83 @@
+"""The state of one request inside an engine.
+
+The vLLM V1 idea: a request has ``num_computed`` tokens (KV written) and
+``num_tokens`` = prompt + generated tokens known so far. Each step gives it
+some tokens to catch up; when it has caught up, the step samples one new token.
+There is no separate prefill mode, so chunked prefill, prefix hits and recompute
+after preemption all fall out of the same two counters.
+
+Token times are not stored per token: a request records the ranges of its
+worker's step indices in which it produced a token (``token_steps``, a flat
+list ``[a0, b0, a1, b1, ...]`` of half-open ranges). The worker's step log holds
+each step's end time, so token i's time is a lookup. A decode run of k steps
+extends the last range by k in O(1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kv import PrefixLayout
+
+
+class Request:
+    __slots__ = (
+        "arrival_s",
+        "blocks",
+        "finish_s",
+        "first_token_s",
+        "hash_ids",
+        "layout",
+        "max_output_tokens",
+        "num_cached_tokens",
+        "num_computed",
+        "num_output",
+        "num_preemptions",
+        "prev_blocks",
+        "prev_stamps",
+        "prompt_tokens",
+        "reject_reason",
+        "rid",
+        "token_steps",
+        "worker_id",
+    )
+
+    def __init__(self, rid: int, arrival_s: float, prompt_tokens: int, max_output_tokens: int,
+                 hash_ids: np.ndarray) -> None:
+        self.rid = rid
+        self.arrival_s = arrival_s
+        self.prompt_tokens = prompt_tokens
+        self.max_output_tokens = max_output_tokens
+        self.hash_ids = hash_ids
+        self.layout: PrefixLayout | None = None
+        self.num_computed = 0
+        self.num_output = 0
+        self.blocks: list[int] = []
+        # blocks held before the last preemption and their allocation stamps:
+        # a recompute can find its own uncached blocks again if not reallocated
+        self.prev_blocks: np.ndarray | None = None
+        self.prev_stamps: np.ndarray | None = None
+        self.num_cached_tokens = -1  # set at first admission
+        self.num_preemptions = 0
+        self.first_token_s = float("nan")
+        self.finish_s = float("nan")
+        self.worker_id = -1
+        self.token_steps: list[int] = []
+        self.reject_reason = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_tokens + self.num_output
+
+    def add_token_steps(self, first_step: int, num_steps: int) -> None:
+        """Record that steps [first_step, first_step + num_steps) each produced a token."""
+        ts = self.token_steps
+        if ts and ts[-1] == first_step:
+            ts[-1] = first_step + num_steps
+        else:
+            ts.append(first_step)
+            ts.append(first_step + num_steps)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.rid}, computed={self.num_computed}/{self.num_tokens}, "
+                f"out={self.num_output}/{self.max_output_tokens})")

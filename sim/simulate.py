@@ -1,0 +1,232 @@
+"""From a validated scenario to records and a summary.
+
+``resolve`` turns the scenario into concrete objects (trace, model and GPU
+specs, timing model, vLLM knobs with start-up defaults applied, KV block
+count); ``simulate`` runs the cluster and returns a ``SimResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .catalog import GpuSpec, ModelSpec, load_gpu, load_model
+from .cluster import Cluster, SimOutcome
+from .engines.vllm import VllmConfig, VllmEngine
+from .errors import ConfigError, InputError, ScenarioError
+from .kv import dense_hash_ids
+from .metrics import Records, build_records, engine_summary, summarize
+from .router import make_router
+from .scenario import LoadedScenario, VllmEngineSpec
+from .timing import RooflineTiming, TimingModel, TimingProfile
+from .workload import ClosedLoop, Trace, load_trace, synthesize
+
+GiB = 1024**3
+
+
+@dataclass
+class Resolved:
+    loaded: LoadedScenario
+    trace: Trace
+    model: ModelSpec
+    gpu: GpuSpec
+    engine: VllmConfig
+    timing: TimingModel
+    closed_loop: ClosedLoop | None
+    kv_capacity_note: str
+
+    def as_dict(self) -> dict[str, Any]:
+        e = self.engine
+        return {
+            "model": self.model.name,
+            "gpu": self.gpu.name,
+            "num_requests": len(self.trace),
+            "trace_source": self.trace.source,
+            "engine": {f: getattr(e, f) for f in e.__dataclass_fields__},
+            "kv_capacity": self.kv_capacity_note,
+        }
+
+
+@dataclass
+class SimResult:
+    resolved: Resolved
+    outcome: SimOutcome
+    records: Records
+    summary: dict[str, Any]
+
+
+# ----------------------------------------------------------------- defaults
+def vllm_batch_defaults(gpu: GpuSpec) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) as `vllm serve` resolves them.
+
+    vllm-project/vllm:vllm/engine/arg_utils.py @ v0.33.0, get_batch_defaults:
+    >= 160 GiB: 1024 / 16384; >= 70 GiB and not an A100: 1024 / 8192;
+    otherwise 256 / 2048.
+    """
+    mem = gpu.hbm_capacity_bytes / GiB
+    if mem >= 160:
+        return 1024, 16384
+    if mem >= 70 and "a100" not in gpu.name.lower():
+        return 1024, 8192
+    return 256, 2048
+
+
+def activation_reserve_bytes(model: ModelSpec, tp: int, max_num_batched_tokens: int,
+                             max_num_seqs: int) -> int:
+    """Memory vLLM's start-up profiling run keeps out of the KV cache.
+
+    vLLM measures the peak of a dummy forward pass of ``max_num_batched_tokens``
+    tokens plus sampler logits for ``max_num_seqs`` rows, and non-torch memory
+    (CUDA graphs, NCCL, allocator). We estimate the same from shapes: the
+    largest live activations of one layer (hidden states, QKV and the MLP's
+    gate+up output, 2 bytes each, twice for in/out), fp32 logits for the
+    sampler, and a fixed 1 GiB for graphs and the runtime. A judgement, not a
+    measurement: pin ``num_gpu_blocks_override`` to the engine's logged block
+    count when comparing with a real server.
+    """
+    per_token = 2 * 2 * (model.hidden_size + (model.num_attention_heads + 2 * model.num_kv_heads)
+                         * model.head_dim // tp + 2 * max(model.intermediate_size,
+                                                          model.moe_intermediate_size) // tp)
+    logits = 4 * max_num_seqs * model.vocab_size // tp
+    return max_num_batched_tokens * per_token + logits + GiB
+
+
+def resolve_engine(spec: VllmEngineSpec, model: ModelSpec, gpu: GpuSpec, dtype: str,
+                   where: str) -> tuple[VllmConfig, str]:
+    tp = spec.tensor_parallel_size
+    seqs, tokens = vllm_batch_defaults(gpu)
+    max_num_seqs = spec.max_num_seqs or seqs
+    max_model_len = spec.max_model_len or model.max_position_embeddings
+    max_tokens = spec.max_num_batched_tokens or tokens
+    if not spec.enable_chunked_prefill:
+        # without chunked prefill a prompt must fit one step: vLLM raises the
+        # default to max_model_len (vllm/config/scheduler.py @ v0.33.0)
+        if spec.max_num_batched_tokens is None:
+            max_tokens = max(max_tokens, max_model_len)
+        elif max_tokens < max_model_len:
+            raise ScenarioError(where, f"engine.max_num_batched_tokens = {max_tokens} < "
+                                f"max_model_len {max_model_len} with chunked prefill off",
+                                "raise max_num_batched_tokens, lower max_model_len, or "
+                                "enable chunked prefill")
+    try:
+        model.check_tp(tp)
+    except ConfigError as e:
+        raise ScenarioError(where, f"engine.tensor_parallel_size = {tp}: {e}",
+                            "choose a TP size that divides the model's (KV) head count") from None
+    bs = spec.block_size
+    kv_per_token = model.kv_bytes_per_token(kv_dtype_for(dtype), tp)
+    if spec.num_gpu_blocks_override is not None:
+        blocks = spec.num_gpu_blocks_override
+        note = f"{blocks} blocks (num_gpu_blocks_override)"
+    else:
+        weights = model.weight_bytes(dtype, tp)
+        reserve = activation_reserve_bytes(model, tp, max_tokens, max_num_seqs)
+        avail = gpu.hbm_capacity_bytes * spec.gpu_memory_utilization - weights - reserve
+        blocks = int(avail // (kv_per_token * bs)) if avail > 0 else 0
+        note = (f"{blocks} blocks = ({gpu.hbm_capacity_bytes / GiB:.1f} GiB x "
+                f"{spec.gpu_memory_utilization} - weights {weights / GiB:.2f} GiB - activations "
+                f"{reserve / GiB:.2f} GiB) / ({bs} tokens x {kv_per_token / 1024:.1f} KiB)")
+        if blocks < 2:
+            raise ConfigError(f"{where}: no memory left for the KV cache on {gpu.name} at TP {tp} "
+                              f"({note}). Fix: use more GPUs per worker (TP), a larger GPU, "
+                              "fp8 weights, or a higher gpu_memory_utilization")
+    capacity_tokens = (blocks - 1) * bs
+    if capacity_tokens < max_model_len:
+        if spec.max_model_len is None:
+            # vLLM's start-up check would fail; like `--max-model-len auto` we
+            # shrink the limit to what fits and say so in the resolved config
+            max_model_len = capacity_tokens
+            note += f"; max_model_len lowered to {capacity_tokens} to fit the KV cache"
+        else:
+            raise ConfigError(f"{where}: engine.max_model_len = {max_model_len} needs "
+                              f"{cdiv(max_model_len, bs)} KV blocks but only {blocks - 1} fit "
+                              f"({note}). Fix: lower max_model_len or use a larger TP/GPU")
+    cfg = VllmConfig(
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_tokens,
+        num_gpu_blocks=blocks,
+        block_size=bs,
+        enable_chunked_prefill=spec.enable_chunked_prefill,
+        enable_prefix_caching=spec.enable_prefix_caching,
+        long_prefill_token_threshold=spec.long_prefill_token_threshold,
+        scheduler_reserve_full_isl=spec.scheduler_reserve_full_isl,
+        watermark=spec.watermark,
+        max_model_len=max_model_len,
+    )
+    return cfg, note
+
+
+def kv_dtype_for(dtype: str) -> str:
+    """vLLM's kv_cache_dtype "auto": the model's activation dtype; FP8 checkpoints
+    keep a 16-bit KV cache unless --kv-cache-dtype says otherwise."""
+    return "bf16" if dtype == "fp8" else dtype
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def load_workload(loaded: LoadedScenario) -> Trace:
+    w = loaded.scenario.workload
+    if w.trace is not None:
+        path = loaded.resolve_path(w.trace)
+        if not path.exists():
+            raise ScenarioError(loaded.where("workload", "trace"),
+                                f"workload.trace = {w.trace!r}: file not found ({path})",
+                                "give a path relative to the scenario file or an absolute one")
+        trace = load_trace(path, w.format)
+    else:
+        assert w.synthetic is not None
+        rng = np.random.default_rng(np.random.SeedSequence(loaded.scenario.seed).spawn(1)[0])
+        trace = synthesize(w.synthetic, rng)
+    if w.start_s is not None or w.end_s is not None or w.max_requests is not None:
+        trace = trace.sliced(start_s=w.start_s, end_s=w.end_s, max_requests=w.max_requests)
+    if w.time_scale != 1.0:
+        trace = trace.scaled(w.time_scale)
+    if w.output_scale != 1.0:
+        trace = trace.with_output_scale(w.output_scale)
+    if len(trace) == 0:
+        raise ScenarioError(loaded.where("workload"), "the workload selects no request",
+                            "widen workload.start_s/end_s or max_requests")
+    return trace
+
+
+def resolve(loaded: LoadedScenario) -> Resolved:
+    sc = loaded.scenario
+    model = load_model(sc.model)
+    gpu = load_gpu(sc.gpu)
+    engine, note = resolve_engine(sc.engine, model, gpu, sc.dtype, loaded.where("engine"))
+    try:
+        profile = TimingProfile.from_dict(sc.timing.profile)
+    except InputError as e:
+        raise ScenarioError(loaded.where("timing", "profile"),
+                            f"timing.profile: {e.message}", e.fix) from None
+    timing = RooflineTiming(model, gpu, sc.engine.tensor_parallel_size, sc.dtype, profile,
+                            kv_dtype=kv_dtype_for(sc.dtype))
+    trace = load_workload(loaded)
+    cl = sc.workload.closed_loop
+    closed = ClosedLoop(cl.concurrency, cl.num_requests) if cl is not None else None
+    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note)
+
+
+def simulate(resolved: Resolved, fast_forward: bool | None = None) -> SimResult:
+    sc = resolved.loaded.scenario
+    ff = sc.simulation.fast_forward if fast_forward is None else fast_forward
+    trace = resolved.trace
+    dense, num_ids = dense_hash_ids(trace.hash_ids)
+    engines = [VllmEngine(resolved.engine, resolved.timing, trace.hash_block_tokens, num_ids,
+                          fast_forward=ff) for _ in range(sc.cluster.num_workers)]
+    rng = np.random.default_rng(np.random.SeedSequence(sc.seed).spawn(2)[1])
+    try:
+        router = make_router(sc.cluster.router.kind, sc.cluster.router.params(),
+                             sc.cluster.num_workers, rng)
+    except TypeError as e:
+        raise ScenarioError(resolved.loaded.where("cluster", "router"),
+                            f"cluster.router: {e}", "check the router's parameters") from None
+    outcome = Cluster(engines, router, trace, dense, resolved.closed_loop).run()
+    records = build_records(outcome)
+    summary = summarize(records)
+    summary["engine"] = engine_summary(outcome, summary["duration_s"])
+    return SimResult(resolved, outcome, records, summary)

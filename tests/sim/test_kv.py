@@ -1,0 +1,97 @@
+"""Block pool: exact block ids, LRU order, prefix keys (hand-computed)."""
+
+import numpy as np
+
+from sim.kv import BlockPool, PrefixLayout, dense_hash_ids
+
+
+def ids(*xs: int) -> np.ndarray:
+    return np.asarray(xs, dtype=np.int64)
+
+
+def test_null_block_and_initial_order() -> None:
+    pool = BlockPool(num_blocks=6, block_size=4, hash_block_tokens=4)
+    assert pool.num_usable == 5
+    assert pool.free_queue_order() == [1, 2, 3, 4, 5]  # block 0 is vLLM's null block
+    assert pool.allocate(2).tolist() == [1, 2]
+    assert pool.num_free == 3 and pool.num_used == 2
+
+
+def test_free_appends_in_reverse_so_the_chain_tail_is_evicted_first() -> None:
+    pool = BlockPool(num_blocks=6, block_size=4, hash_block_tokens=4)
+    a = pool.allocate(3)  # 1 2 3
+    pool.free(a)
+    assert pool.free_queue_order() == [4, 5, 3, 2, 1]
+    assert pool.allocate(3).tolist() == [4, 5, 3]
+
+
+def test_touch_removes_from_free_queue_and_refcounts() -> None:
+    pool = BlockPool(num_blocks=6, block_size=4, hash_block_tokens=4, num_hash_ids=20)
+    a = pool.allocate(2)  # 1 2
+    pool.cache(a, ids(10, 11))
+    pool.free(a)  # queue 3 4 5 2 1
+    assert pool.free_queue_order() == [3, 4, 5, 2, 1]
+    hit = pool.lookup(ids(10, 11))
+    assert hit.tolist() == [1, 2]
+    pool.touch(hit)
+    assert pool.free_queue_order() == [3, 4, 5]
+    assert pool.num_free == 3
+    pool.touch(hit)  # a second request on the same prefix
+    assert pool.ref[[1, 2]].tolist() == [2, 2]
+    pool.free(hit)
+    assert pool.free_queue_order() == [3, 4, 5]  # still held once
+    pool.free(hit)
+    assert pool.free_queue_order() == [3, 4, 5, 2, 1]
+
+
+def test_reallocating_a_cached_block_evicts_its_key() -> None:
+    pool = BlockPool(num_blocks=4, block_size=4, hash_block_tokens=4, num_hash_ids=20)
+    a = pool.allocate(2)
+    pool.cache(a, ids(7, 8))
+    pool.free(a)  # queue 3 2 1
+    got = pool.allocate(2)  # 3, then 2 (which held key 8)
+    assert got.tolist() == [3, 2]
+    assert pool.cached_block(8) == -1
+    assert pool.cached_block(7) == 1
+    assert pool.lookup(ids(7, 8)).tolist() == [1]
+    assert pool.lookup(ids(8, 7)).tolist() == []  # a run must start at the first block
+    assert pool.num_evicted == 1
+
+
+def test_a_key_held_by_a_live_block_keeps_that_block() -> None:
+    pool = BlockPool(num_blocks=5, block_size=4, hash_block_tokens=4, num_hash_ids=20)
+    a = pool.allocate(1)  # 1
+    b = pool.allocate(1)  # 2
+    pool.cache(a, ids(7))
+    pool.cache(b, ids(7))  # same content computed twice: the index keeps block 1
+    assert pool.cached_block(7) == 1
+    pool.free(a)  # queue 3 4 1
+    pool.allocate(3)  # takes 3 4 1: evicts the indexed copy
+    assert pool.cached_block(7) == -1
+    pool.cache(pool.allocate(0), ids())  # no-op on empty input
+    assert pool.lookup(ids(7)).tolist() == []
+
+
+def test_prefix_layout_maps_engine_blocks_to_trace_blocks() -> None:
+    # trace blocks of 8 tokens, engine blocks of 4: two slots per trace id
+    lay = PrefixLayout(ids(0, 1, 2), input_tokens=22, block_size=4, hash_block_tokens=8)
+    assert lay.num_hashed == 5  # 22 // 4 full engine blocks, all inside hashed tokens
+    assert lay.keys.tolist() == [0, 1, 2, 3, 4]  # id * 2 + slot
+
+
+def test_prefix_layout_with_engine_blocks_larger_than_trace_blocks() -> None:
+    # an engine block of 8 tokens spans two trace blocks of 4: keyed by the last one
+    lay = PrefixLayout(ids(0, 1, 2, 3), input_tokens=16, block_size=8, hash_block_tokens=4)
+    assert lay.keys.tolist() == [1, 3]
+
+
+def test_prefix_layout_covers_only_hashed_full_blocks() -> None:
+    # 2 trace ids of 8 tokens cover 16 tokens of a 30-token prompt: 4 engine blocks
+    lay = PrefixLayout(ids(5, 9), input_tokens=30, block_size=4, hash_block_tokens=8)
+    assert lay.num_hashed == 4
+    assert lay.keys.tolist() == [10, 11, 18, 19]
+
+
+def test_dense_hash_ids() -> None:
+    dense, n = dense_hash_ids(ids(900, 5, 900, 77))
+    assert dense.tolist() == [2, 0, 2, 1] and n == 3

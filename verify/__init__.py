@@ -1,0 +1,1 @@
+"""servetwin verify: deploy configs to real engines, replay traces, compare (later issue)."""
