@@ -71,3 +71,35 @@ def drive(engine: VllmEngine, arrivals: Iterable[Request], until_idle: bool = Tr
         log.append((now, plan))
         now = plan.end_s
     return log
+
+
+def make_trace(arrival_s: Sequence[float], input_tokens: Sequence[int],
+               output_tokens: Sequence[int], hash_ids: Sequence[Sequence[int]] | None = None,
+               hash_block_tokens: int = 0):  # -> Trace
+    from sim.workload import Trace
+
+    if hash_ids is None:
+        hash_ids = [[] for _ in arrival_s]
+    offsets = np.concatenate(([0], np.cumsum([len(h) for h in hash_ids]))).astype(np.int64)
+    flat = np.asarray([x for h in hash_ids for x in h], dtype=np.int64)
+    return Trace.checked(arrival_s=np.asarray(arrival_s, dtype=np.float64),
+                         input_tokens=np.asarray(input_tokens, dtype=np.int64),
+                         output_tokens=np.asarray(output_tokens, dtype=np.int64),
+                         hash_offsets=offsets, hash_ids=flat,
+                         hash_block_tokens=hash_block_tokens if flat.size else 0,
+                         source="test")
+
+
+def run_cluster(trace, config: VllmConfig, num_workers: int, fast_forward: bool,
+                timing=None, closed_loop=None):  # -> (SimOutcome, Records)
+    from sim.cluster import Cluster
+    from sim.kv import dense_hash_ids
+    from sim.metrics import build_records
+    from sim.router import make_router
+
+    dense, n_ids = dense_hash_ids(trace.hash_ids)
+    engines = [VllmEngine(config, timing or LinearTiming(), trace.hash_block_tokens, n_ids,
+                          fast_forward=fast_forward) for _ in range(num_workers)]
+    router = make_router("round_robin", {}, num_workers, np.random.default_rng(0))
+    outcome = Cluster(engines, router, trace, dense, closed_loop).run()
+    return outcome, build_records(outcome)
