@@ -1,4 +1,4 @@
-"""Tests of sim/workload (the trace loaders, operations and synthetic generators).
+"""Tests of sim/workload: loaders, Trace operations, synthetic generators."""
 
 from __future__ import annotations
 
