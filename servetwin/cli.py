@@ -8,8 +8,12 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sim.errors import ServetwinError
+from sim.errors import InputError, ServetwinError
+
+if TYPE_CHECKING:
+    from sim.simulate import SimResult
 
 DEFAULT_SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "default.yaml"
 
@@ -19,17 +23,38 @@ def _run_dir(root: Path, name: str, out: str | None) -> Path:
         d = Path(out)
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name) or "run"
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:80] or "run"
         d = root / f"{safe}-{stamp}"
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def _write_run(out: Path, csv: bool, result: SimResult, resolved_doc: dict[str, Any]) -> Path:
+    """Records, resolved scenario, then the summary: a folder with summary.json holds a
+    whole run. A failed write removes what this run wrote and says why."""
+    from .output import write_records, write_summary, write_yaml
+
+    written: list[Path] = []
+    try:
+        written.append(write_records(out / ("records.csv" if csv else "records.parquet"),
+                                     result.records))
+        written.append(out / "scenario.resolved.yaml")
+        write_yaml(written[-1], resolved_doc)
+        written.append(out / "summary.json")
+        write_summary(written[-1], result.summary)
+    except OSError as e:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise InputError(str(e.filename or out), f"cannot write ({e.strerror or e})",
+                         "choose a writable --out folder") from None
+    return written[0]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from sim.scenario import load_scenario, scenario_to_dict
     from sim.simulate import resolve, simulate
 
-    from .output import format_summary, write_records, write_summary, write_yaml
+    from .output import format_summary
 
     loaded = load_scenario(args.scenario, args.set)
     sc = loaded.scenario
@@ -42,12 +67,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"  KV cache: {resolved.kv_capacity_note}", file=sys.stderr, flush=True)
     result = simulate(resolved, fast_forward=False if args.step_by_step else None)
     wall = time.perf_counter() - t0
-    out = _run_dir(Path(args.reports), sc.name, args.out)
-    write_summary(out / "summary.json", result.summary)
-    rec_path = write_records(out / ("records.csv" if args.csv else "records.parquet"),
-                             result.records)
+    try:
+        out = _run_dir(Path(args.reports), sc.name, args.out)
+    except OSError as e:
+        raise InputError(str(e.filename or args.out or args.reports),
+                         f"cannot create the output folder ({e.strerror or e})",
+                         "choose a writable --out or --reports folder") from None
     resolved_doc = {"scenario": scenario_to_dict(sc), "resolved": resolved.as_dict()}
-    write_yaml(out / "scenario.resolved.yaml", resolved_doc)
+    rec_path = _write_run(out, args.csv, result, resolved_doc)
     print(format_summary(result.summary))
     sim_s = result.summary["duration_s"]
     print(f"\n  simulated {sim_s:,.1f} s in {wall:.2f} s wall"

@@ -27,12 +27,14 @@ class Request:
         "finish_s",
         "first_token_s",
         "hash_ids",
+        "hashed_end",
         "layout",
         "max_output_tokens",
         "num_cached_tokens",
         "num_computed",
         "num_output",
         "num_preemptions",
+        "num_tokens",
         "prev_blocks",
         "prev_stamps",
         "prompt_tokens",
@@ -50,8 +52,11 @@ class Request:
         self.max_output_tokens = max_output_tokens
         self.hash_ids = hash_ids
         self.layout: PrefixLayout | None = None
+        # tokens covered by the prompt's hashed full blocks (set at first lookup)
+        self.hashed_end = 0
         self.num_computed = 0
         self.num_output = 0
+        self.num_tokens = prompt_tokens  # prompt + generated so far
         self.blocks: list[int] = []
         # blocks held before the last preemption and their allocation stamps:
         # a recompute can find its own uncached blocks again if not reallocated
@@ -64,10 +69,6 @@ class Request:
         self.worker_id = -1
         self.token_steps: list[int] = []
         self.reject_reason = ""
-
-    @property
-    def num_tokens(self) -> int:
-        return self.prompt_tokens + self.num_output
 
     def add_token_steps(self, first_step: int, num_steps: int) -> None:
         """Record that steps [first_step, first_step + num_steps) each produced a token."""

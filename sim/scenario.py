@@ -12,15 +12,31 @@ name ``--set``). Fields that vLLM resolves at start-up take ``auto`` (or null).
 from __future__ import annotations
 
 import copy
+import inspect
+import re
+import reprlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
-from .errors import ScenarioError
+from .catalog import load_gpu, load_model
+from .errors import InputError, ScenarioError
+from .router import ROUTERS
+from .timing import TimingProfile
+from .workload import SyntheticSpec
 
-Auto = Annotated[int, Field(ge=1)] | None
+AUTO_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len")
 
 
 def _auto(v: Any) -> Any:
@@ -28,12 +44,24 @@ def _auto(v: Any) -> Any:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # Lax so that YAML 1.1's string "1e-3" still reads as a float; but never
+    # true/false for a number (lax pydantic would read `max_num_seqs: true` as 1),
+    # and never nan/inf.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and info.field_name is not None:
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is not bool and bool not in getattr(ann, "__args__", ()):
+                raise ValueError("must be a number, not true/false")
+        return v
 
 
 class ClosedLoopSpec(_Model):
     concurrency: int = Field(ge=1, le=1_000_000)
-    num_requests: int | None = Field(default=None, ge=1)
+    num_requests: int | None = Field(default=None, ge=1, le=2**63 - 1)
 
 
 class WorkloadSpec(_Model):
@@ -42,29 +70,31 @@ class WorkloadSpec(_Model):
     synthetic: dict[str, Any] | None = None
     time_scale: float = Field(default=1.0, gt=0, le=1e6)
     output_scale: float = Field(default=1.0, gt=0, le=1e4)
-    start_s: float | None = Field(default=None, ge=0)
-    end_s: float | None = Field(default=None, gt=0)
-    max_requests: int | None = Field(default=None, ge=1)
+    start_s: float | None = Field(default=None, ge=0, le=1e12)
+    end_s: float | None = Field(default=None, gt=0, le=1e12)
+    max_requests: int | None = Field(default=None, ge=1, le=2**63 - 1)
     closed_loop: ClosedLoopSpec | None = None
 
 
 class VllmEngineSpec(_Model):
     kind: Literal["vllm"] = "vllm"
     tensor_parallel_size: int = Field(default=1, ge=1, le=64)
-    max_num_seqs: Auto = None
-    max_num_batched_tokens: Auto = None
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
+    max_num_seqs: int | None = Field(default=None, ge=1)  # None: auto
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)  # None: auto
+    enable_chunked_prefill: StrictBool = True
+    enable_prefix_caching: StrictBool = True
     block_size: int = Field(default=16, ge=1, le=4096)
     gpu_memory_utilization: float = Field(default=0.92, gt=0, le=1)
-    num_gpu_blocks_override: int | None = Field(default=None, ge=2)
+    # A real engine logs 10^3-10^6 blocks (block_size 1 of the smallest bundled model
+    # on a B200 is ~4 * 10^6); the pool holds ~40 bytes per block, so a typo like
+    # 1e12 would exhaust host memory instead of failing here.
+    num_gpu_blocks_override: int | None = Field(default=None, ge=2, le=10_000_000)
     long_prefill_token_threshold: int = Field(default=0, ge=0)
-    scheduler_reserve_full_isl: bool = True
+    scheduler_reserve_full_isl: StrictBool = True
     watermark: float = Field(default=0.0, ge=0, lt=1)
-    max_model_len: Auto = None
+    max_model_len: int | None = Field(default=None, ge=1)  # None: auto
 
-    _auto_fields = field_validator("max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                                   mode="before")(_auto)
+    _auto_fields = field_validator(*AUTO_FIELDS, mode="before")(_auto)
 
 
 class TimingSpec(_Model):
@@ -86,7 +116,7 @@ class ClusterSpec(_Model):
 
 
 class SimulationSpec(_Model):
-    fast_forward: bool = True
+    fast_forward: StrictBool = True
 
 
 class Scenario(_Model):
@@ -127,34 +157,61 @@ class LoadedScenario:
 
 
 # ------------------------------------------------------------------- loading
-def _compose(text: str, name: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+Lines = dict[tuple[str, ...], int]
+
+
+def _compose(text: str, name: str) -> tuple[Any, Lines]:
     """Parse YAML and remember the line of every mapping key."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        lines = _key_lines(node, name)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ScenarioError(f"{name}{line}", f"not valid YAML ({problem})",
-                            "fix the YAML syntax at that line") from None
-    lines: dict[tuple[str, ...], int] = {}
+                            "fix the YAML syntax" + (" at that line" if line else "")) from None
+    except RecursionError:
+        raise ScenarioError(name, "nested too deeply to be a scenario",
+                            "write sections a few levels deep") from None
+    return data, lines
 
-    def walk(n: Any, path: tuple[str, ...]) -> None:
+
+def _key_lines(root: yaml.Node | None, name: str) -> Lines:
+    """Line of every key path; duplicate keys and self-containing aliases are errors
+    (PyYAML keeps the last duplicate silently, and a cycle cannot be validated)."""
+    lines: Lines = {}
+    done: set[int] = set()  # an alias repeats a node: walk it once (no billion laughs)
+
+    def walk(n: yaml.Node, path: tuple[str, ...], stack: frozenset[int]) -> None:
+        if id(n) in stack:
+            raise ScenarioError(f"{name}:{n.start_mark.line + 1}",
+                                f"{'.'.join(path)}: an alias refers to itself",
+                                "remove the recursive alias")
+        if id(n) in done:
+            return
+        done.add(id(n))
+        inner = stack | {id(n)}
         if isinstance(n, yaml.MappingNode):
+            seen: dict[str, int] = {}
             for k, v in n.value:
-                key = (*path, str(k.value))
-                lines[key] = k.start_mark.line + 1
-                walk(v, key)
+                key, line = str(k.value), k.start_mark.line + 1
+                if key in seen and key != "<<":
+                    raise ScenarioError(f"{name}:{line}",
+                                        f"duplicate key {'.'.join((*path, key))!r} (first at "
+                                        f"line {seen[key]})", "keep one of them")
+                seen[key] = line
+                lines[(*path, key)] = line
+                walk(v, (*path, key), inner)
         elif isinstance(n, yaml.SequenceNode):
             for i, v in enumerate(n.value):
-                key = (*path, str(i))
-                lines[key] = v.start_mark.line + 1
-                walk(v, key)
+                lines[(*path, str(i))] = v.start_mark.line + 1
+                walk(v, (*path, str(i)), inner)
 
-    if node is not None:
-        walk(node, ())
-    return data, lines
+    if root is not None:
+        walk(root, (), frozenset())
+    return lines
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -162,14 +219,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or not key.strip():
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
             raise ScenarioError("--set", f"{item!r} is not key=value",
                                 "write e.g. --set engine.max_num_seqs=64")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        parts = key.strip().split(".")
         node = out
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -196,78 +253,183 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Loade
     return validate_scenario(data, lines, p, overrides or [])
 
 
-def validate_scenario(data: Any, lines: dict[tuple[str, ...], int], path: Path | None,
+def validate_scenario(data: Any, lines: Lines, path: Path | None,
                       overrides: list[str]) -> LoadedScenario:
     name = str(path) if path is not None else "<scenario>"
     if not isinstance(data, dict):
         raise ScenarioError(name, f"top level is {type(data).__name__}, not a mapping",
                             "write the scenario as key: value sections (workload, model, gpu, ...)")
     raw = apply_overrides(data, overrides) if overrides else data
+    overridden = set(_override_keys(overrides))
     try:
         sc = Scenario.model_validate(raw)
     except ValidationError as e:
-        raise _explain(e, name, lines, set(_override_keys(overrides))) from None
-    if sc.workload.trace is None and sc.workload.synthetic is None:
-        raise ScenarioError(f"{name}", "workload: neither trace nor synthetic is given",
-                            "set workload.trace to a trace file or workload.synthetic to a spec")
-    if sc.workload.trace is not None and sc.workload.synthetic is not None:
-        raise ScenarioError(f"{name}:{lines.get(('workload', 'synthetic'), '')}".rstrip(":"),
-                            "workload: both trace and synthetic are given",
-                            "keep one of them")
+        raise _explain(e, name, lines, overridden) from None
+    except RecursionError:  # a self-containing value given with --set
+        raise ScenarioError("--set" if overridden else name, "a value contains itself",
+                            "give plain values") from None
+    _check_references(sc, lambda *loc: _where(loc, name, lines, overridden))
     return LoadedScenario(sc, path, raw, lines)
+
+
+def _check_references(sc: Scenario, where: Callable[..., str]) -> None:
+    """What the field types cannot say: one workload source, an ordered window, and a
+    synthetic spec, model, GPU, timing profile and router that exist. Checked here so
+    that the error names the line rather than surfacing from resolve without one."""
+    w = sc.workload
+    if w.trace is None and w.synthetic is None:
+        raise ScenarioError(where("workload"), "workload: neither trace nor synthetic is given",
+                            "set workload.trace to a trace file or workload.synthetic to a spec")
+    if w.trace is not None and w.synthetic is not None:
+        raise ScenarioError(where("workload", "synthetic"),
+                            "workload: both trace and synthetic are given", "keep one of them")
+    if w.start_s is not None and w.end_s is not None and not w.end_s > w.start_s:
+        raise ScenarioError(where("workload", "end_s"),
+                            f"workload.end_s = {w.end_s:g}: must be > workload.start_s = "
+                            f"{w.start_s:g}", "widen the window")
+    if w.synthetic is not None:
+        try:
+            SyntheticSpec.from_mapping(w.synthetic, "workload.synthetic")
+        except InputError as e:
+            # the workload module names the dotted field first: workload.synthetic.x.y ...
+            m = re.match(r"[\w.]+", e.message)
+            loc = tuple(m.group(0).split(".")) if m else ("workload", "synthetic")
+            raise ScenarioError(where(*loc), e.message, e.fix) from None
+    for field, load in (("model", load_model), ("gpu", load_gpu)):
+        value = getattr(sc, field)
+        try:
+            load(value)
+        except InputError as e:
+            # a bundled-name miss says `model 'x'`; a bad file says which file and line
+            source = "" if e.where == f"{field} {value!r}" else f"{e.where}: "
+            raise ScenarioError(where(field), f"{field} = {value!r}: {source}{e.message}",
+                                e.fix) from None
+    try:
+        TimingProfile.from_dict(sc.timing.profile)
+    except InputError as e:
+        raise ScenarioError(where("timing", "profile"), f"timing.profile: {e.message}",
+                            e.fix) from None
+    router = sc.cluster.router
+    try:
+        cls = ROUTERS.get(router.kind)
+    except ScenarioError as e:
+        raise ScenarioError(where("cluster", "router", "kind"),
+                            f"cluster.router.kind = {router.kind!r}: {e.message}", e.fix) from None
+    try:
+        inspect.signature(cls).bind(1, None, **router.params())
+    except TypeError as e:
+        raise ScenarioError(where("cluster", "router"), f"cluster.router ({router.kind}): {e}",
+                            "check the router's parameters") from None
 
 
 def _override_keys(overrides: list[str]) -> list[tuple[str, ...]]:
     return [tuple(o.partition("=")[0].strip().split(".")) for o in overrides]
 
 
-def _explain(e: ValidationError, name: str, lines: dict[tuple[str, ...], int],
+def _where(loc: tuple[str, ...], name: str, lines: Lines,
+           overridden: set[tuple[str, ...]]) -> str:
+    """``--set`` if an override wrote the field, a section above it or a key below it;
+    else the file and the line of the deepest key that the file has."""
+    if loc and any(loc[: len(k)] == k or k[: len(loc)] == loc for k in overridden):
+        return "--set"
+    for i in range(len(loc), 0, -1):
+        line = lines.get(loc[:i])
+        if line:
+            return f"{name}:{line}"
+    return name
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlist = _SHOW.maxtuple = 4
+_SHOW.maxdict = 3
+_SHOW.maxlevel = 2
+
+
+def _explain(e: ValidationError, name: str, lines: Lines,
              overridden: set[tuple[str, ...]]) -> ScenarioError:
-    err = e.errors()[0]
-    loc = tuple(str(x) for x in err["loc"] if not str(x).startswith("function-"))
-    # pydantic adds the union member tried (e.g. 'int') to the location
-    noise = ("int", "none", "float", "str", "bool", "constrained-int")
-    loc = tuple(x for x in loc if x not in noise)
+    errors = e.errors()
+    # a misspelt key also makes its real name "missing": report the cause
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = tuple(str(x) for x in err["loc"])
     field = ".".join(loc)
-    if any(loc[: len(k)] == k for k in overridden):
-        where = "--set"
-    else:
-        line = None
-        for i in range(len(loc), 0, -1):
-            line = lines.get(loc[:i])
-            if line:
-                break
-        where = f"{name}:{line}" if line else name
+    where = _where(loc, name, lines, overridden)
     kind = err["type"]
-    value = err.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "{...}"
-    if len(shown) > 60:
-        shown = shown[:57] + "..."
     if kind == "extra_forbidden":
         return ScenarioError(where, f"unknown key {field!r}",
                              f"remove it or use one of: {', '.join(_valid_keys(loc[:-1]))}")
     if kind == "missing":
         return ScenarioError(where, f"{field} is missing", f"add {field}")
+    shown = _SHOW.repr(err.get("input"))
+    if kind in ("model_type", "dict_type"):
+        keys = _valid_keys(loc)
+        return ScenarioError(where, f"{field} = {shown}: must be a section of keys",
+                             f"write {field}: as key: value lines"
+                             + (f" ({', '.join(keys)})" if keys else ""))
     msg = err["msg"]
-    if msg.startswith("Input should be "):
-        msg = "must be " + msg[len("Input should be "):]
-    return ScenarioError(where, f"{field} = {shown}: {msg}",
-                         f"set {field} to a valid value" if field else "fix the scenario")
+    for prefix in ("Value error, ", "Input should be "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        msg = f"must be {op} {_num(err.get('ctx', {}).get(key))}"
+    if not msg.startswith("must "):
+        msg = "must be " + msg
+    allowed = _allowed(loc) or "a valid value"
+    return ScenarioError(where, f"{field} = {shown}: {msg}", f"set {field} to {allowed}")
+
+
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+
+
+def _num(x: Any) -> str:
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
+def _field(loc: tuple[str, ...]) -> Any:
+    """The FieldInfo at a dotted location, or None where loc leaves the models."""
+    model: type[BaseModel] | None = Scenario
+    f = None
+    for part in loc:
+        f = model.model_fields.get(part) if model is not None else None
+        if f is None:
+            return None
+        model = _section(f.annotation)
+    return f
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    for a in getattr(annotation, "__args__", ()) or (annotation,):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
 
 
 def _valid_keys(loc: tuple[str, ...]) -> list[str]:
-    model: Any = Scenario
-    for part in loc:
-        f = model.model_fields.get(part)
-        if f is None:
-            return []
-        ann = f.annotation
-        args = getattr(ann, "__args__", ()) or (ann,)
-        sub = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not sub:
-            return []
-        model = sub[0]
-    return sorted(model.model_fields)
+    model: type[BaseModel] | None = Scenario
+    if loc:
+        f = _field(loc)
+        model = _section(f.annotation) if f is not None else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _allowed(loc: tuple[str, ...]) -> str:
+    """What a field accepts, from its declaration: 'an integer >= 1 and <= 64, or auto'."""
+    f = _field(loc)
+    if f is None:
+        return ""
+    args = set(getattr(f.annotation, "__args__", ()) or (f.annotation,))
+    if getattr(f.annotation, "__origin__", None) is Literal:
+        return "one of " + ", ".join(map(str, f.annotation.__args__))
+    what = ("true or false" if args & {bool} else "an integer" if int in args
+            else "a number" if float in args else "text" if str in args else "")
+    bounds = [f"{op} {_num(getattr(m, key))}" for m in f.metadata
+              for op, key in _BOUNDS.values() if hasattr(m, key)]
+    text = " ".join(x for x in (what, " and ".join(bounds)) if x)
+    if loc[-1] in AUTO_FIELDS:
+        text += ", or auto"
+    return text
 
 
 def scenario_to_dict(sc: Scenario) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""Per-engine log of forward passes, one row per step, stored in numpy chunks.
+"""Per-engine log of forward passes, one row per step.
 
-Step-by-step mode appends one row at a time (kept in Python lists until the
-next flush); a fast-forward run appends whole arrays. Both end up in the same
-columns, so the two modes are compared column for column.
+Step-by-step mode appends one step at a time; a fast-forward run appends whole
+arrays. Only what changes from step to step is stored per step (end time, KV
+blocks in use); the rest is stored once per segment (a single step or a run)
+and expanded on demand, so a long trace's millions of steps stay small.
 """
 
 from __future__ import annotations
@@ -11,56 +12,76 @@ import numpy as np
 
 COLUMNS = ("start_s", "end_s", "kv_used_blocks", "num_running", "num_waiting",
            "num_prefill_tokens", "num_decode_seqs")
-_DTYPES = (np.float64, np.float64, np.int64, np.int64, np.int64, np.int64, np.int64)
+_PER_SEGMENT = ("num_running", "num_waiting", "num_prefill_tokens", "num_decode_seqs")
 
 
 class StepLog:
     def __init__(self) -> None:
-        self._chunks: list[list[np.ndarray]] = [[] for _ in COLUMNS]
-        self._pending: list[list[float | int]] = [[] for _ in COLUMNS]
+        self._ends: list[np.ndarray] = []
+        self._used: list[np.ndarray] = []
+        self._pend_ends: list[float] = []
+        self._pend_used: list[int] = []
+        # one entry per segment
+        self._seg_len: list[int] = []
+        self._seg_start: list[float] = []
+        self._seg_vals: dict[str, list[int]] = {k: [] for k in _PER_SEGMENT}
         self.num_steps = 0
 
     def append(self, start_s: float, end_s: float, kv_used_blocks: int, num_running: int,
                num_waiting: int, num_prefill_tokens: int, num_decode_seqs: int) -> None:
-        p = self._pending
-        p[0].append(start_s)
-        p[1].append(end_s)
-        p[2].append(kv_used_blocks)
-        p[3].append(num_running)
-        p[4].append(num_waiting)
-        p[5].append(num_prefill_tokens)
-        p[6].append(num_decode_seqs)
-        self.num_steps += 1
+        self._pend_ends.append(end_s)
+        self._pend_used.append(kv_used_blocks)
+        self._segment(1, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
-    def extend(self, start_s: np.ndarray, end_s: np.ndarray, kv_used_blocks: np.ndarray,
+    def extend(self, start_s: float, end_s: np.ndarray, kv_used_blocks: np.ndarray,
                num_running: int, num_waiting: int, num_prefill_tokens: int,
                num_decode_seqs: int) -> None:
         n = int(end_s.size)
         if n == 0:
             return
         self._flush()
-        cols = (start_s, end_s, kv_used_blocks, np.full(n, num_running), np.full(n, num_waiting),
-                np.full(n, num_prefill_tokens), np.full(n, num_decode_seqs))
-        for chunks, col, dt in zip(self._chunks, cols, _DTYPES, strict=True):
-            chunks.append(np.asarray(col, dtype=dt))
+        self._ends.append(end_s)
+        self._used.append(kv_used_blocks)
+        self._segment(n, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
+
+    def _segment(self, n: int, start_s: float, *vals: int) -> None:
+        self._seg_len.append(n)
+        self._seg_start.append(start_s)
+        for k, v in zip(_PER_SEGMENT, vals, strict=True):
+            self._seg_vals[k].append(v)
         self.num_steps += n
 
     def _flush(self) -> None:
-        if not self._pending[0]:
-            return
-        for chunks, pend, dt in zip(self._chunks, self._pending, _DTYPES, strict=True):
-            chunks.append(np.asarray(pend, dtype=dt))
-            pend.clear()
+        if self._pend_ends:
+            self._ends.append(np.asarray(self._pend_ends, dtype=np.float64))
+            self._used.append(np.asarray(self._pend_used, dtype=np.int64))
+            self._pend_ends = []
+            self._pend_used = []
+
+    def _joined(self, chunks: list[np.ndarray], dtype: type) -> np.ndarray:
+        self._flush()
+        if not chunks:
+            return np.empty(0, dtype=dtype)
+        if len(chunks) > 1:
+            chunks[:] = [np.concatenate(chunks)]
+        return chunks[0]
 
     def column(self, name: str) -> np.ndarray:
-        self._flush()
-        i = COLUMNS.index(name)
-        chunks = self._chunks[i]
-        if not chunks:
-            return np.empty(0, dtype=_DTYPES[i])
-        if len(chunks) > 1:
-            self._chunks[i] = [np.concatenate(chunks)]
-        return self._chunks[i][0]
+        if name == "end_s":
+            return self._joined(self._ends, np.float64)
+        if name == "kv_used_blocks":
+            return self._joined(self._used, np.int64)
+        lens = np.asarray(self._seg_len, dtype=np.int64)
+        if name == "start_s":
+            ends = self.column("end_s")
+            starts = np.empty_like(ends)
+            starts[1:] = ends[:-1]
+            first = np.cumsum(lens) - lens
+            starts[first] = self._seg_start
+            return starts
+        if name in self._seg_vals:
+            return np.repeat(np.asarray(self._seg_vals[name], dtype=np.int64), lens)
+        raise KeyError(name)
 
     def columns(self) -> dict[str, np.ndarray]:
         return {name: self.column(name) for name in COLUMNS}

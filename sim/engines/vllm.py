@@ -15,7 +15,7 @@ Behaviour follows vllm-project/vllm:vllm/v1/core/sched/scheduler.py @ v0.33.0
    (without chunked prefill a prompt that does not fit stops admission),
    admission only if the blocks fit — for the whole prompt when
    ``scheduler_reserve_full_isl`` — keeping ``watermark`` of the pool free.
-3. ``_build``: batch aggregates for the timing model and, when the batch is a
+3. ``_time``: the step's duration from its aggregates and, when the batch is a
    pure decode batch that nothing can change, a fast-forward run (below).
 
 Fast-forward. After a pure-decode step where every running request was
@@ -66,34 +66,49 @@ def cdiv(a: int, b: int) -> int:
 class StepPlan:
     """What one step (or one fast-forward run of identical decode steps) does."""
 
-    __slots__ = ("committed", "cum_needs", "decode_seqs", "ends", "first_step", "j0",
-                 "num_prefill_tokens", "num_steps", "preempted", "requests", "scheduled",
-                 "start_s", "used", "waiting_len")
+    __slots__ = ("c0", "committed", "cum_needs", "ctx_d", "ends", "first_step", "num_d",
+                 "num_p", "num_steps", "preempted", "requests", "scheduled", "seqs_p",
+                 "start_s", "used", "waiting_len", "work_p")
 
-    def __init__(self) -> None:
+    def __init__(self, start_s: float) -> None:
         self.scheduled: list[tuple[Request, int]] = []
         self.preempted: list[Request] = []
         self.num_steps = 1
         self.committed = 0
         self.first_step = 0
-        self.start_s = 0.0
+        self.start_s = start_s
         self.ends: np.ndarray = np.empty(0)
         self.used: np.ndarray = np.empty(0, dtype=np.int64)
-        self.num_prefill_tokens = 0
-        self.decode_seqs = 0
+        # batch aggregates for the timing model
+        self.num_p = 0  # prefill tokens
+        self.work_p = 0.0  # prefill attention work, sum of n * (c + (n + 1) / 2)
+        self.seqs_p = 0  # prefill chunks
+        self.num_d = 0  # decoding sequences
+        self.ctx_d = 0  # their context tokens, new token included
         self.waiting_len = 0
-        # fast-forward run only
+        # fast-forward run only: the requests and their computed tokens at the start
         self.requests: list[Request] = []
-        self.j0: np.ndarray | None = None
-        self.cum_needs: np.ndarray | None = None
+        self.c0: np.ndarray | None = None
+        self.cum_needs: np.ndarray | None = None  # blocks needed by steps 1..j
 
     @property
     def is_run(self) -> bool:
-        return self.j0 is not None
+        return self.num_steps > 1
 
     @property
     def end_s(self) -> float:
         return float(self.ends[self.num_steps - 1])
+
+    def add(self, req: Request, n: int) -> None:
+        self.scheduled.append((req, n))
+        c = req.num_computed
+        if n == 1 and c == req.num_tokens - 1:
+            self.num_d += 1
+            self.ctx_d += c + 1
+        else:
+            self.num_p += n
+            self.work_p += n * (c + (n + 1) / 2)
+            self.seqs_p += 1
 
 
 class VllmEngine:
@@ -137,30 +152,41 @@ class VllmEngine:
 
     # -------------------------------------------------------------- schedule
     def schedule(self, now: float) -> StepPlan | None:
-        plan = StepPlan()
-        plan.start_s = now
+        plan = StepPlan(now)
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
         refused = True
         if not plan.preempted:
             refused = self._schedule_waiting(plan, budget)
         if not plan.scheduled:
             return None
-        self._build(plan, now, refused)
+        self._time(plan, now, refused)
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
         cfg = self.config
         pool = self.pool
+        bs = cfg.block_size
         thr = cfg.long_prefill_token_threshold
         running = self.running
+        sched = plan.scheduled
+        num_d = ctx_d = 0
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
-            n = req.num_tokens - req.num_computed
+            c = req.num_computed
+            n = req.num_tokens - c
+            if n == 1 and c % bs and c >= req.hashed_end:
+                # fast path: a decode inside its last block allocates and caches nothing
+                sched.append((req, 1))
+                num_d += 1
+                ctx_d += c + 1
+                budget -= 1
+                i += 1
+                continue
             if 0 < thr < n:
                 n = thr
             n = min(n, budget)
-            need = cdiv(req.num_computed + n, cfg.block_size) - len(req.blocks)
+            need = cdiv(c + n, bs) - len(req.blocks)
             preempted_self = False
             while need > pool.num_free:
                 victim = running.pop()
@@ -171,10 +197,12 @@ class VllmEngine:
                     break
             if preempted_self:
                 break
+            plan.add(req, n)
             self._grow(req, n, need)
-            plan.scheduled.append((req, n))
             budget -= n
             i += 1
+        plan.num_d += num_d
+        plan.ctx_d += ctx_d
         return budget
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> bool:
@@ -214,9 +242,9 @@ class VllmEngine:
                 req.num_cached_tokens = computed
                 self.num_prefix_hit_tokens += computed
                 self.num_prefix_query_tokens += req.num_tokens
+            plan.add(req, n)
             self._grow(req, n, cdiv(computed + n, bs) - int(hit.size))
             self.running.append(req)
-            plan.scheduled.append((req, n))
             budget -= n
         return True
 
@@ -226,10 +254,7 @@ class VllmEngine:
         if not pool.enable_caching:
             return np.empty(0, dtype=np.int64)
         bs = self.config.block_size
-        layout = req.layout
-        if layout is None:
-            layout = req.layout = PrefixLayout(req.hash_ids, req.prompt_tokens, bs,
-                                               self.hash_block_tokens)
+        layout = self._layout(req)
         # at least one token is recomputed to produce logits
         max_blocks = (req.num_tokens - 1) // bs
         hit = pool.lookup(layout.keys[: min(layout.num_hashed, max_blocks)])
@@ -245,17 +270,22 @@ class VllmEngine:
                 hit = np.concatenate([hit, keep])
         return hit
 
+    def _layout(self, req: Request) -> PrefixLayout:
+        layout = req.layout
+        if layout is None:
+            layout = req.layout = PrefixLayout(req.hash_ids, req.prompt_tokens,
+                                               self.config.block_size, self.hash_block_tokens)
+            req.hashed_end = layout.num_hashed * self.config.block_size
+        return layout
+
     def _grow(self, req: Request, n: int, need: int) -> None:
         """Allocate ``need`` blocks for ``n`` new tokens and cache prompt blocks they fill."""
         pool = self.pool
         bs = self.config.block_size
         if need > 0:
             req.blocks.extend(pool.allocate(need).tolist())
-        if pool.enable_caching:
-            layout = req.layout
-            if layout is None:
-                layout = req.layout = PrefixLayout(req.hash_ids, req.prompt_tokens, bs,
-                                                   self.hash_block_tokens)
+        if req.num_computed < req.hashed_end:
+            layout = self._layout(req)
             lo = min(req.num_computed // bs, layout.num_hashed)
             hi = min((req.num_computed + n) // bs, layout.num_hashed)
             if hi > lo:
@@ -277,71 +307,56 @@ class VllmEngine:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    # ----------------------------------------------------------------- build
-    def _build(self, plan: StepPlan, now: float, refused: bool) -> None:
-        num_p = 0
-        work_p = 0.0
-        seqs_p = 0
-        num_d = 0
-        ctx_d = 0
-        for req, n in plan.scheduled:
-            c = req.num_computed
-            if n == 1 and c == req.num_tokens - 1:
-                num_d += 1
-                ctx_d += c + 1
-            else:
-                num_p += n
-                work_p += n * (c + (n + 1) / 2)
-                seqs_p += 1
+    # ------------------------------------------------------------------ time
+    def _time(self, plan: StepPlan, now: float, refused: bool) -> None:
         plan.first_step = self.steps.num_steps
-        plan.num_prefill_tokens = num_p
-        plan.decode_seqs = num_d
         plan.waiting_len = len(self.waiting)
         used0 = self.pool.num_used
-        if (self.fast_forward and num_p == 0 and not plan.preempted and refused
+        if (self.fast_forward and plan.num_p == 0 and not plan.preempted and refused
                 and len(plan.scheduled) == len(self.running)):
             k = self._plan_run(plan)
-            if k > 1:
-                dts = self.timing.decode_run_times(num_d, ctx_d, k)
+            if k <= 1:
+                plan.num_steps = 1
+                plan.c0 = plan.cum_needs = None
+                plan.requests = []
+            else:
+                dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)
                 plan.ends = np.cumsum(np.concatenate(([now], dts)))[1:]
                 assert plan.cum_needs is not None
                 plan.used = used0 + plan.cum_needs[:k]
                 return
-            plan.j0 = None
-            plan.cum_needs = None
-            plan.requests = []
-        dt = self.timing.step_time(num_p, work_p, seqs_p, num_d, ctx_d)
+        dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
         plan.ends = np.array([now + dt])
         plan.used = np.array([used0], dtype=np.int64)
 
     def _plan_run(self, plan: StepPlan) -> int:
-        """Length k of the decode run starting with this step; sets the block plan."""
-        reqs = [r for r, _ in plan.scheduled]
+        """Length k of the decode run starting with this step; sets the block plan.
+
+        Step j >= 1 of the run needs a new block for a request with c computed
+        tokens at the start iff (c + j) % block_size == 0.
+        """
+        reqs = self.running
         bs = self.config.block_size
         k_done = min(r.max_output_tokens - r.num_output for r in reqs)
         if k_done <= 1:
             return 1
-        c = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(reqs))
-        # step j >= 1 needs a new block for a request iff (c + j) % bs == 0
-        rem = c % bs
-        j0 = np.where(rem == 0, bs, bs - rem)
+        plan.requests = list(reqs)
+        plan.c0 = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(reqs))
+        rem = plan.c0 % bs
+        j0 = np.where(rem == 0, bs, bs - rem)  # first step needing a block
         per_residue = np.bincount(j0 % bs, minlength=bs)
-        steps = np.arange(k_done)
-        needs = per_residue[steps % bs]
+        needs = per_residue[np.arange(k_done) % bs]
         needs[0] = 0  # step 0 was allocated by the scheduler
         cum = np.cumsum(needs)
         over = np.flatnonzero(cum > self.pool.num_free)
-        k = int(over[0]) if over.size else k_done
-        plan.requests = reqs
-        plan.j0 = j0
+        plan.num_steps = int(over[0]) if over.size else k_done
         plan.cum_needs = cum
-        plan.num_steps = k
-        return k
+        return plan.num_steps
 
     # ---------------------------------------------------------------- commit
     def truncate(self, plan: StepPlan, num_steps: int) -> None:
         """Cut a run to its first ``num_steps`` steps (>= the committed ones)."""
-        plan.num_steps = max(num_steps, plan.committed)
+        plan.num_steps = max(num_steps, plan.committed, 1)
 
     def commit(self, plan: StepPlan, upto: int) -> list[Request]:
         """Apply the plan's steps [committed, upto); return requests that finished."""
@@ -349,16 +364,17 @@ class VllmEngine:
         if upto <= lo:
             return []
         plan.committed = upto
-        if plan.is_run:
+        if plan.c0 is not None:
             return self._commit_run(plan, lo, upto)
         end = float(plan.ends[0])
         idx = plan.first_step
-        self.steps.append(plan.start_s, end, int(plan.used[0]), len(self.running), plan.waiting_len,
-                          plan.num_prefill_tokens, plan.decode_seqs)
+        self.steps.append(plan.start_s, end, int(plan.used[0]), len(self.running),
+                          plan.waiting_len, plan.num_p, plan.num_d)
         for req, n in plan.scheduled:
-            req.num_computed += n
-            if req.num_computed == req.num_tokens:
+            c = req.num_computed = req.num_computed + n
+            if c == req.num_tokens:
                 req.num_output += 1
+                req.num_tokens += 1
                 req.add_token_steps(idx, 1)
                 if req.num_output == 1:
                     req.first_token_s = end
@@ -368,44 +384,51 @@ class VllmEngine:
         m = hi - lo
         reqs = plan.requests
         first_idx = plan.first_step + lo
-        assert plan.j0 is not None and plan.cum_needs is not None
         start = plan.start_s if lo == 0 else float(plan.ends[lo - 1])
-        starts = np.concatenate(([start], plan.ends[lo:hi - 1]))
-        self.steps.extend(starts, plan.ends[lo:hi], plan.used[lo:hi], len(reqs), plan.waiting_len,
-                          0, len(reqs))
+        self.steps.extend(start, plan.ends[lo:hi], plan.used[lo:hi], len(reqs),
+                          plan.waiting_len, 0, len(reqs))
+        if lo == 0:
+            for req in reqs:
+                if req.num_output == 0:
+                    # a prompt whose last chunk was one token joins a decode run
+                    req.first_token_s = float(plan.ends[0])
         for req in reqs:
-            if req.num_output == 0:
-                # a prompt whose last chunk was one token joins a decode run
-                req.first_token_s = float(plan.ends[lo])
             req.num_computed += m
             req.num_output += m
+            req.num_tokens += m
             req.add_token_steps(first_idx, m)
-        a = max(lo, 1)
-        if hi > a:
-            total = int(plan.cum_needs[hi - 1] - plan.cum_needs[a - 1])
-            if total:
-                self._hand_out_blocks(plan, a, hi, total)
+        self._hand_out_blocks(plan, max(lo, 1), hi)
         return self._finish(float(plan.ends[hi - 1]))
 
-    def _hand_out_blocks(self, plan: StepPlan, a: int, hi: int, total: int) -> None:
+    def _hand_out_blocks(self, plan: StepPlan, a: int, hi: int) -> None:
         """Allocate the blocks of run steps [a, hi) in step-by-step order:
         by step, then by running order."""
+        if hi <= a:
+            return
         bs = self.config.block_size
-        assert plan.j0 is not None
-        j0 = plan.j0
+        assert plan.c0 is not None
+        rem = plan.c0 % bs
+        j0 = np.where(rem == 0, bs, bs - rem)  # first step >= 1 needing a block
         first = np.where(j0 >= a, j0, j0 + ((a - j0 + bs - 1) // bs) * bs)
         cnt = np.maximum(0, (hi - first + bs - 1) // bs)
-        owner = np.repeat(np.arange(j0.size), cnt)
-        base = np.repeat(first, cnt)
-        offs = np.arange(owner.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        step = base + offs * bs
-        order = np.lexsort((owner, step))
+        total = int(cnt.sum())
+        if total == 0:
+            return
         ids = self.pool.allocate(total)
-        assert ids.size == owner.size
-        by_owner = np.empty_like(ids)
-        by_owner[order] = ids  # ids[i] goes to event order[i]; events are grouped by owner
-        bounds = np.cumsum(cnt)
         reqs = plan.requests
+        if total == int(np.count_nonzero(cnt)) and (cnt <= 1).all():
+            # one block each: step-major order is the order of their first step
+            owners = np.flatnonzero(cnt)
+            order = owners[np.argsort(first[owners], kind="stable")]
+            for r, b in zip(order.tolist(), ids.tolist(), strict=True):
+                reqs[r].blocks.append(b)
+            return
+        owner = np.repeat(np.arange(j0.size), cnt)
+        offs = np.arange(owner.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        step = np.repeat(first, cnt) + offs * bs
+        by_owner = np.empty_like(ids)
+        by_owner[np.lexsort((owner, step))] = ids  # ids are handed out step-major
+        bounds = np.cumsum(cnt)
         for r in np.flatnonzero(cnt).tolist():
             reqs[r].blocks.extend(by_owner[bounds[r] - cnt[r]:bounds[r]].tolist())
 

@@ -66,7 +66,7 @@ def test_prefix_hit_shortens_prefill() -> None:
     assert scheduled(log) == [[(0, 10)], [(0, 1)], [(1, 4)]]
     assert a.num_cached_tokens == 0
     assert b.num_cached_tokens == 8  # blocks of ids 7 and 8 reused
-    assert log[2][1].num_prefill_tokens == 4
+    assert log[2][1].num_p == 4
     # B touched blocks 1 2 (A's), took 4 from the head; freed tail first
     assert eng.pool.free_queue_order()[-4:] == [3, 4, 2, 1]
     assert eng.num_prefix_hit_tokens == 8
