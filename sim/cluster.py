@@ -77,20 +77,24 @@ class Worker:
             self._want_schedule(now)
             return
         if plan.num_steps > 1:
-            self.sync(now)
             self._cut_run(plan, now)
 
     def _cut_run(self, plan: StepPlan, now: float) -> None:
-        c = plan.committed
-        if c >= plan.num_steps - 1:
+        """A request arrived during a run: end the run after the in-flight step."""
+        last = plan.num_steps - 1
+        c = int(np.searchsorted(plan.ends[:last], now, side="right"))  # steps ended by now
+        if c >= last:
             return  # the in-flight step is the last one anyway
         if c > 0 and plan.ends[c - 1] == now:
             # step c has not been decided yet in step-by-step terms: stop here
             self.engine.truncate(plan, c)
             self._gen += 1
             self.plan = None
+            done = self.engine.commit(plan, c)
+            assert not done, "a decode run completes requests only in its last step"
             self._want_schedule(now)
             return
+        # the steps before the cut are committed with the rest when the run ends
         self.engine.truncate(plan, c + 1)
         self._arm_end(plan)
 

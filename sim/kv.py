@@ -39,7 +39,8 @@ computes a block it could not hit, e.g. past a missing earlier block.)
 
 Blocks beyond the hashed prompt (generated tokens, or prompts without hashes)
 are unique to their request; a request re-admitted after preemption finds its
-own such blocks again if they were not reallocated (checked by stamp).
+own such blocks again if they were not reallocated (checked by their
+free-queue stamp: still the one they got when freed).
 """
 
 from __future__ import annotations
@@ -63,9 +64,8 @@ class BlockPool:
         self.hash_block_tokens = t
         self.slots_per_hash = (t - 1) // block_size + 1
         self.ref = np.zeros(num_blocks, dtype=np.int32)
-        # stamp of the block's current stay in the free queue / of its current allocation
-        self._free_stamp = np.zeros(num_blocks, dtype=np.int64)
-        self.alloc_stamp = np.zeros(num_blocks, dtype=np.int64)
+        # stamp of the block's current stay in the free queue (0: not free)
+        self.free_stamp = np.zeros(num_blocks, dtype=np.int64)
         self._stamp = 0
         self.blk_key = np.full(num_blocks, NO_KEY, dtype=np.int64)
         size = num_hash_ids * self.slots_per_hash if enable_caching else 0
@@ -83,7 +83,7 @@ class BlockPool:
             return
         stamps = np.arange(self._stamp + 1, self._stamp + 1 + ids.size, dtype=np.int64)
         self._stamp += ids.size
-        self._free_stamp[ids] = stamps
+        self.free_stamp[ids] = stamps
         self._queue.append((ids, stamps))
         self.num_free += ids.size
 
@@ -93,55 +93,115 @@ class BlockPool:
             raise RuntimeError(f"pop {n} blocks with {self.num_free} free")  # engine bug
         parts = []
         need = n
+        fs = self.free_stamp
         while need:
             ids, stamps = self._queue[0]
-            ids, stamps = ids[self._head:], stamps[self._head:]
-            valid = self._free_stamp[ids] == stamps
-            live = ids[valid]
-            if live.size <= need:
-                parts.append(live)
-                need -= live.size
+            h = self._head
+            # look at a window just past what is needed, not the whole chunk:
+            # the first chunk is the entire pool; tombstones are few
+            width = need
+            while True:
+                win_ids, win_st = ids[h:h + width], stamps[h:h + width]
+                valid = fs[win_ids] == win_st
+                got = int(np.count_nonzero(valid))
+                if got >= need or h + width >= ids.size:
+                    break
+                width = 2 * width + (need - got)
+            if got < need:  # the chunk is used up
+                parts.append(win_ids[valid])
+                need -= got
                 self._queue.popleft()
                 self._head = 0
+                continue
+            if got == need and valid.size == width and valid[-1]:
+                taken = win_ids[valid] if got < valid.size else win_ids
+                self._head = h + width
             else:
-                parts.append(live[:need])
-                # skip past the entry that supplied the last block taken
-                self._head += int(np.flatnonzero(valid)[need - 1]) + 1
-                need = 0
+                idx = np.flatnonzero(valid)[:need]
+                taken = win_ids[idx]
+                self._head = h + int(idx[-1]) + 1  # past the entry of the last block taken
+            parts.append(taken)
+            need = 0
+            if self._head >= ids.size:
+                self._queue.popleft()
+                self._head = 0
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._free_stamp[out] = 0
+        fs[out] = 0
         self.num_free -= n
         return out
 
     # ------------------------------------------------------------- allocation
-    def allocate(self, n: int) -> np.ndarray:
-        """Pop ``n`` blocks for a request; evicts any prefix hashes they held."""
+    def allocate(self, n: int) -> list[int]:
+        """Pop ``n`` blocks for a request; evicts any prefix keys they held."""
+        if n <= 12:
+            return self._allocate_few(n)
+        return self._allocate_many(n)
+
+    def _allocate_many(self, n: int) -> list[int]:
         if n == 0:
-            return np.empty(0, dtype=np.int64)
+            return []
         ids = self._pop_free(n)
         self.ref[ids] = 1
-        stamps = np.arange(self._stamp + 1, self._stamp + 1 + n, dtype=np.int64)
-        self._stamp += n
-        self.alloc_stamp[ids] = stamps
-        keyed = self.blk_key[ids] != NO_KEY
-        if keyed.any():
-            self.num_evicted += int(np.count_nonzero(keyed))
-            self.blk_key[ids] = NO_KEY
-        return ids
+        key = self.blk_key
+        self.num_evicted += int(np.count_nonzero(key[ids] != NO_KEY))
+        key[ids] = NO_KEY
+        out: list[int] = ids.tolist()
+        return out
+
+    def _pop_free_checked(self, n: int) -> list[int]:
+        """The numpy path of ``allocate`` whatever ``n`` (for tests)."""
+        return self._allocate_many(n)
+
+    def _allocate_few(self, n: int) -> list[int]:
+        """``allocate`` for a handful of blocks (decode steps): the same queue walk
+        element by element, since numpy's per-call cost dwarfs the work here."""
+        if n > self.num_free:
+            raise RuntimeError(f"pop {n} blocks with {self.num_free} free")  # engine bug
+        out: list[int] = []
+        fs = self.free_stamp
+        q = self._queue
+        while len(out) < n:
+            ids, stamps = q[0]
+            h = self._head
+            size = ids.size
+            while h < size:
+                b = int(ids[h])
+                ok = fs[b] == stamps[h]
+                h += 1
+                if ok:
+                    out.append(b)
+                    if len(out) == n:
+                        break
+            if h >= size:
+                q.popleft()
+                self._head = 0
+            else:
+                self._head = h
+        self.num_free -= n
+        ref, key = self.ref, self.blk_key
+        for b in out:
+            fs[b] = 0
+            ref[b] = 1
+            if key[b] != NO_KEY:
+                key[b] = NO_KEY
+                self.num_evicted += 1
+        return out
 
     def touch(self, ids: np.ndarray) -> None:
         """Take a reference on cached blocks found by a prefix hit."""
+        ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
         was_free = ids[self.ref[ids] == 0]
         self.ref[ids] += 1
         if was_free.size:
-            self._free_stamp[was_free] = 0  # their queue entries become tombstones
+            self.free_stamp[was_free] = 0  # their queue entries become tombstones
             self.num_free -= int(was_free.size)
 
-    def free(self, ids: np.ndarray) -> None:
+    def free(self, ids: np.ndarray | list[int]) -> None:
         """Drop one reference on each block, ``ids`` in the request's order;
         blocks reaching zero join the free queue tail-first (vLLM frees in reverse)."""
+        ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
         rev = ids[::-1]
@@ -149,14 +209,13 @@ class BlockPool:
         self._append_free(rev[self.ref[rev] == 0])
 
     # ------------------------------------------------------------ prefix cache
-    def cache(self, ids: np.ndarray, keys: np.ndarray) -> None:
+    def cache(self, ids: np.ndarray | list[int], keys: np.ndarray) -> None:
         """Index full blocks under their prefix keys; a key already held by a
         live block keeps that block."""
+        ids = np.asarray(ids, dtype=np.int64)
         if not self.enable_caching or ids.size == 0:
             return
-        new = self.blk_key[ids] == NO_KEY
-        if not new.all():
-            ids, keys = ids[new], keys[new]
+        # ids are blocks just filled by their owner: none holds a key yet
         cur = self._index[keys]
         held = (cur >= 0) & (self.blk_key[np.maximum(cur, 0)] == keys)
         self.blk_key[ids] = keys
@@ -188,7 +247,7 @@ class BlockPool:
         out: list[int] = []
         for i, (ids, stamps) in enumerate(self._queue):
             sl = slice(self._head, None) if i == 0 else slice(None)
-            live = ids[sl][self._free_stamp[ids[sl]] == stamps[sl]]
+            live = ids[sl][self.free_stamp[ids[sl]] == stamps[sl]]
             out.extend(live.tolist())
         return out
 

@@ -1,9 +1,10 @@
 """Per-engine log of forward passes, one row per step.
 
 Step-by-step mode appends one step at a time; a fast-forward run appends whole
-arrays. Only what changes from step to step is stored per step (end time, KV
-blocks in use); the rest is stored once per segment (a single step or a run)
-and expanded on demand, so a long trace's millions of steps stay small.
+arrays. Only the end time is stored per step; the rest is stored once per
+segment (a single step or a run) and expanded on demand: KV blocks in use as
+the segment's first value plus the steps at which one more block was taken.
+A long trace's millions of steps stay small.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ _PER_SEGMENT = ("num_running", "num_waiting", "num_prefill_tokens", "num_decode_
 class StepLog:
     def __init__(self) -> None:
         self._ends: list[np.ndarray] = []
-        self._used: list[np.ndarray] = []
         self._pend_ends: list[float] = []
-        self._pend_used: list[int] = []
         # one entry per segment
+        self._seg_used: list[int] = []
+        self._block_steps: list[int] = []  # global step index of each extra block taken
         self._seg_len: list[int] = []
         self._seg_start: list[float] = []
         self._seg_vals: dict[str, list[int]] = {k: [] for k in _PER_SEGMENT}
@@ -30,18 +31,22 @@ class StepLog:
     def append(self, start_s: float, end_s: float, kv_used_blocks: int, num_running: int,
                num_waiting: int, num_prefill_tokens: int, num_decode_seqs: int) -> None:
         self._pend_ends.append(end_s)
-        self._pend_used.append(kv_used_blocks)
+        self._seg_used.append(kv_used_blocks)
         self._segment(1, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
-    def extend(self, start_s: float, end_s: np.ndarray, kv_used_blocks: np.ndarray,
-               num_running: int, num_waiting: int, num_prefill_tokens: int,
-               num_decode_seqs: int) -> None:
+    def extend(self, start_s: float, end_s: np.ndarray, kv_used_blocks: int,
+               block_steps: list[int], num_running: int, num_waiting: int,
+               num_prefill_tokens: int, num_decode_seqs: int) -> None:
+        """A run of steps; ``kv_used_blocks`` in its first step, one more block
+        in use from each step listed in ``block_steps`` (offsets >= 1, sorted)."""
         n = int(end_s.size)
         if n == 0:
             return
         self._flush()
         self._ends.append(end_s)
-        self._used.append(kv_used_blocks)
+        self._seg_used.append(kv_used_blocks)
+        first = self.num_steps
+        self._block_steps.extend(first + j for j in block_steps)
         self._segment(n, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
     def _segment(self, n: int, start_s: float, *vals: int) -> None:
@@ -54,9 +59,7 @@ class StepLog:
     def _flush(self) -> None:
         if self._pend_ends:
             self._ends.append(np.asarray(self._pend_ends, dtype=np.float64))
-            self._used.append(np.asarray(self._pend_used, dtype=np.int64))
             self._pend_ends = []
-            self._pend_used = []
 
     def _joined(self, chunks: list[np.ndarray], dtype: type) -> np.ndarray:
         self._flush()
@@ -69,9 +72,17 @@ class StepLog:
     def column(self, name: str) -> np.ndarray:
         if name == "end_s":
             return self._joined(self._ends, np.float64)
-        if name == "kv_used_blocks":
-            return self._joined(self._used, np.int64)
         lens = np.asarray(self._seg_len, dtype=np.int64)
+        if name == "kv_used_blocks":
+            used = np.repeat(np.asarray(self._seg_used, dtype=np.int64), lens)
+            if self._block_steps:
+                extra = np.zeros(self.num_steps, dtype=np.int64)
+                np.add.at(extra, np.asarray(self._block_steps, dtype=np.int64), 1)
+                extra = np.cumsum(extra)
+                first = np.cumsum(lens) - lens
+                before = np.where(first > 0, extra[np.maximum(first - 1, 0)], 0)
+                used += extra - np.repeat(before, lens)
+            return used
         if name == "start_s":
             ends = self.column("end_s")
             starts = np.empty_like(ends)

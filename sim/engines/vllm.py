@@ -32,8 +32,10 @@ and then only the committed steps have happened.
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +68,7 @@ def cdiv(a: int, b: int) -> int:
 class StepPlan:
     """What one step (or one fast-forward run of identical decode steps) does."""
 
-    __slots__ = ("c0", "committed", "cum_needs", "ctx_d", "ends", "first_step", "num_d",
+    __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "num_d",
                  "num_p", "num_steps", "preempted", "requests", "scheduled", "seqs_p",
                  "start_s", "used", "waiting_len", "work_p")
 
@@ -77,8 +79,9 @@ class StepPlan:
         self.committed = 0
         self.first_step = 0
         self.start_s = start_s
-        self.ends: np.ndarray = np.empty(0)
-        self.used: np.ndarray = np.empty(0, dtype=np.int64)
+        # step end times and KV blocks in use: lists for one step, arrays for a run
+        self.ends: Any = ()
+        self.used: Any = ()
         # batch aggregates for the timing model
         self.num_p = 0  # prefill tokens
         self.work_p = 0.0  # prefill attention work, sum of n * (c + (n + 1) / 2)
@@ -86,10 +89,11 @@ class StepPlan:
         self.num_d = 0  # decoding sequences
         self.ctx_d = 0  # their context tokens, new token included
         self.waiting_len = 0
-        # fast-forward run only: the requests and their computed tokens at the start
+        # fast-forward run only: its requests, and one event per block it needs
+        # (step index within the run, index of the request), in allocation order
         self.requests: list[Request] = []
-        self.c0: np.ndarray | None = None
-        self.cum_needs: np.ndarray | None = None  # blocks needed by steps 1..j
+        self.ev_steps: list[int] = []
+        self.ev_owner: list[int] = []
 
     @property
     def is_run(self) -> bool:
@@ -263,7 +267,7 @@ class VllmEngine:
             # own blocks past the hashed prompt, still untouched since the preemption
             tail = prev[hit.size:max_blocks]
             assert req.prev_stamps is not None
-            ok = pool.alloc_stamp[tail] == req.prev_stamps[hit.size:hit.size + tail.size]
+            ok = pool.free_stamp[tail] == req.prev_stamps[hit.size:hit.size + tail.size]
             bad = np.flatnonzero(~ok)
             keep = tail if bad.size == 0 else tail[: bad[0]]
             if keep.size:
@@ -283,7 +287,7 @@ class VllmEngine:
         pool = self.pool
         bs = self.config.block_size
         if need > 0:
-            req.blocks.extend(pool.allocate(need).tolist())
+            req.blocks.extend(pool.allocate(need))
         if req.num_computed < req.hashed_end:
             layout = self._layout(req)
             lo = min(req.num_computed // bs, layout.num_hashed)
@@ -297,10 +301,12 @@ class VllmEngine:
     def _preempt(self, req: Request) -> None:
         bs = self.config.block_size
         blocks = np.asarray(req.blocks, dtype=np.int64)
+        self.pool.free(blocks)
+        # remember the full blocks and their free-queue stamps: while a stamp is
+        # unchanged the block was not reallocated, so its content is still there
         full = blocks[: req.num_computed // bs]
         req.prev_blocks = full
-        req.prev_stamps = self.pool.alloc_stamp[full].copy()
-        self.pool.free(blocks)
+        req.prev_stamps = self.pool.free_stamp[full].copy()
         req.blocks = []
         req.num_computed = 0
         req.num_preemptions += 1
@@ -317,41 +323,52 @@ class VllmEngine:
             k = self._plan_run(plan)
             if k <= 1:
                 plan.num_steps = 1
-                plan.c0 = plan.cum_needs = None
                 plan.requests = []
             else:
                 dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)
-                plan.ends = np.cumsum(np.concatenate(([now], dts)))[1:]
-                assert plan.cum_needs is not None
-                plan.used = used0 + plan.cum_needs[:k]
+                dts[0] += now  # a running sum from now, added in step-by-step order
+                plan.ends = np.cumsum(dts)
+                plan.used = [used0]
                 return
         dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
-        plan.ends = np.array([now + dt])
-        plan.used = np.array([used0], dtype=np.int64)
+        plan.ends = [now + dt]
+        plan.used = [used0]
 
     def _plan_run(self, plan: StepPlan) -> int:
-        """Length k of the decode run starting with this step; sets the block plan.
+        """Length k of the decode run starting with this step; sets its block events.
 
         Step j >= 1 of the run needs a new block for a request with c computed
-        tokens at the start iff (c + j) % block_size == 0.
+        tokens at the start iff (c + j) % block_size == 0: first at j0 in
+        [1, block_size], then every block_size steps. Events are listed in the
+        order step-by-step mode allocates them: by step, then running order.
+        Batches are small (a handful to a few hundred requests), so this is
+        plain Python: numpy's per-call cost would dominate.
         """
         reqs = self.running
         bs = self.config.block_size
         k_done = min(r.max_output_tokens - r.num_output for r in reqs)
         if k_done <= 1:
             return 1
+        by_first = sorted(((bs - r.num_computed % bs, i) for i, r in enumerate(reqs)))
+        ev_steps: list[int] = []
+        ev_owner: list[int] = []
+        base = 0
+        while base + 1 < k_done:
+            for j0, i in by_first:
+                j = base + j0
+                if j >= k_done:
+                    break
+                ev_steps.append(j)
+                ev_owner.append(i)
+            base += bs
+        free = self.pool.num_free
+        # the first event that cannot get a block ends the run before its step
+        k = k_done if len(ev_steps) <= free else ev_steps[free]
         plan.requests = list(reqs)
-        plan.c0 = np.fromiter((r.num_computed for r in reqs), dtype=np.int64, count=len(reqs))
-        rem = plan.c0 % bs
-        j0 = np.where(rem == 0, bs, bs - rem)  # first step needing a block
-        per_residue = np.bincount(j0 % bs, minlength=bs)
-        needs = per_residue[np.arange(k_done) % bs]
-        needs[0] = 0  # step 0 was allocated by the scheduler
-        cum = np.cumsum(needs)
-        over = np.flatnonzero(cum > self.pool.num_free)
-        plan.num_steps = int(over[0]) if over.size else k_done
-        plan.cum_needs = cum
-        return plan.num_steps
+        plan.ev_steps = ev_steps
+        plan.ev_owner = ev_owner
+        plan.num_steps = k
+        return k
 
     # ---------------------------------------------------------------- commit
     def truncate(self, plan: StepPlan, num_steps: int) -> None:
@@ -364,11 +381,11 @@ class VllmEngine:
         if upto <= lo:
             return []
         plan.committed = upto
-        if plan.c0 is not None:
+        if plan.requests:
             return self._commit_run(plan, lo, upto)
-        end = float(plan.ends[0])
+        end = plan.ends[0]
         idx = plan.first_step
-        self.steps.append(plan.start_s, end, int(plan.used[0]), len(self.running),
+        self.steps.append(plan.start_s, end, plan.used[0], len(self.running),
                           plan.waiting_len, plan.num_p, plan.num_d)
         for req, n in plan.scheduled:
             c = req.num_computed = req.num_computed + n
@@ -385,8 +402,11 @@ class VllmEngine:
         reqs = plan.requests
         first_idx = plan.first_step + lo
         start = plan.start_s if lo == 0 else float(plan.ends[lo - 1])
-        self.steps.extend(start, plan.ends[lo:hi], plan.used[lo:hi], len(reqs),
-                          plan.waiting_len, 0, len(reqs))
+        ev = plan.ev_steps
+        a = bisect_right(ev, lo)  # blocks taken in steps up to lo are in use at lo
+        b = bisect_left(ev, hi)
+        self.steps.extend(start, plan.ends[lo:hi], plan.used[0] + a, [e - lo for e in ev[a:b]],
+                          len(reqs), plan.waiting_len, 0, len(reqs))
         if lo == 0:
             for req in reqs:
                 if req.num_output == 0:
@@ -401,36 +421,16 @@ class VllmEngine:
         return self._finish(float(plan.ends[hi - 1]))
 
     def _hand_out_blocks(self, plan: StepPlan, a: int, hi: int) -> None:
-        """Allocate the blocks of run steps [a, hi) in step-by-step order:
-        by step, then by running order."""
-        if hi <= a:
+        """Allocate the blocks of run steps [a, hi), in the planned event order."""
+        steps = plan.ev_steps
+        lo_ev = bisect_left(steps, a)
+        hi_ev = bisect_left(steps, hi)
+        if hi_ev == lo_ev:
             return
-        bs = self.config.block_size
-        assert plan.c0 is not None
-        rem = plan.c0 % bs
-        j0 = np.where(rem == 0, bs, bs - rem)  # first step >= 1 needing a block
-        first = np.where(j0 >= a, j0, j0 + ((a - j0 + bs - 1) // bs) * bs)
-        cnt = np.maximum(0, (hi - first + bs - 1) // bs)
-        total = int(cnt.sum())
-        if total == 0:
-            return
-        ids = self.pool.allocate(total)
         reqs = plan.requests
-        if total == int(np.count_nonzero(cnt)) and (cnt <= 1).all():
-            # one block each: step-major order is the order of their first step
-            owners = np.flatnonzero(cnt)
-            order = owners[np.argsort(first[owners], kind="stable")]
-            for r, b in zip(order.tolist(), ids.tolist(), strict=True):
-                reqs[r].blocks.append(b)
-            return
-        owner = np.repeat(np.arange(j0.size), cnt)
-        offs = np.arange(owner.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-        step = np.repeat(first, cnt) + offs * bs
-        by_owner = np.empty_like(ids)
-        by_owner[np.lexsort((owner, step))] = ids  # ids are handed out step-major
-        bounds = np.cumsum(cnt)
-        for r in np.flatnonzero(cnt).tolist():
-            reqs[r].blocks.extend(by_owner[bounds[r] - cnt[r]:bounds[r]].tolist())
+        ids = self.pool.allocate(hi_ev - lo_ev)
+        for owner, b in zip(plan.ev_owner[lo_ev:hi_ev], ids, strict=True):
+            reqs[owner].blocks.append(b)
 
     def _finish(self, end: float) -> list[Request]:
         done = [r for r in self.running if r.num_output >= r.max_output_tokens]

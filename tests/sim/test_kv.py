@@ -13,7 +13,7 @@ def test_null_block_and_initial_order() -> None:
     pool = BlockPool(num_blocks=6, block_size=4, hash_block_tokens=4)
     assert pool.num_usable == 5
     assert pool.free_queue_order() == [1, 2, 3, 4, 5]  # block 0 is vLLM's null block
-    assert pool.allocate(2).tolist() == [1, 2]
+    assert pool.allocate(2) == [1, 2]
     assert pool.num_free == 3 and pool.num_used == 2
 
 
@@ -22,7 +22,7 @@ def test_free_appends_in_reverse_so_the_chain_tail_is_evicted_first() -> None:
     a = pool.allocate(3)  # 1 2 3
     pool.free(a)
     assert pool.free_queue_order() == [4, 5, 3, 2, 1]
-    assert pool.allocate(3).tolist() == [4, 5, 3]
+    assert pool.allocate(3) == [4, 5, 3]
 
 
 def test_touch_removes_from_free_queue_and_refcounts() -> None:
@@ -50,7 +50,7 @@ def test_reallocating_a_cached_block_evicts_its_key() -> None:
     pool.cache(a, ids(7, 8))
     pool.free(a)  # queue 3 2 1
     got = pool.allocate(2)  # 3, then 2 (which held key 8)
-    assert got.tolist() == [3, 2]
+    assert got == [3, 2]
     assert pool.cached_block(8) == -1
     assert pool.cached_block(7) == 1
     assert pool.lookup(ids(7, 8)).tolist() == [1]
@@ -95,3 +95,37 @@ def test_prefix_layout_covers_only_hashed_full_blocks() -> None:
 def test_dense_hash_ids() -> None:
     dense, n = dense_hash_ids(ids(900, 5, 900, 77))
     assert dense.tolist() == [2, 0, 2, 1] and n == 3
+
+
+def test_small_and_bulk_allocation_walk_the_queue_identically() -> None:
+    """The element-wise path (<= 4 blocks) and the numpy path agree, tombstones included."""
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        a = BlockPool(num_blocks=40, block_size=4, hash_block_tokens=4, num_hash_ids=50)
+        b = BlockPool(num_blocks=40, block_size=4, hash_block_tokens=4, num_hash_ids=50)
+        held: list[list[int]] = []
+        for _ in range(30):
+            op = rng.integers(3)
+            if op == 0 and a.num_free >= 4:
+                n = int(rng.integers(1, 5))
+                x = a.allocate(n)
+                y = [blk for _ in range(n) for blk in b._pop_free_checked(1)]
+                assert x == y
+                held.append(x)
+            elif op == 1 and held:
+                blocks = held.pop(int(rng.integers(len(held))))
+                keys = rng.integers(0, 50, size=len(blocks))
+                a.cache(blocks, keys)
+                b.cache(blocks, keys)
+                a.free(blocks)
+                b.free(blocks)
+            elif op == 2 and a.num_free > 10:
+                key = rng.integers(0, 50, size=2)
+                ha, hb = a.lookup(key), b.lookup(key)
+                assert ha.tolist() == hb.tolist()
+                a.touch(ha)
+                b.touch(hb)
+                if ha.size:
+                    held.append(ha.tolist())
+            assert a.free_queue_order() == b.free_queue_order()
+            assert (a.blk_key == b.blk_key).all() and (a.ref == b.ref).all()
