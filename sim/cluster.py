@@ -43,14 +43,27 @@ class Counter:
         self.events = 0
 
 
+class _Fire(simpy.Event):
+    """An already-triggered event carrying a value, for ``_at``."""
+
+    def __init__(self, env: simpy.Environment, callback: Callable[[simpy.Event], None],
+                 value: object) -> None:
+        self.env = env
+        self.callbacks = [callback]
+        self._value = value
+        self._ok = True
+
+
 def _at(env: simpy.Environment, time_s: float, priority: float,
-        callback: Callable[[simpy.Event], None]) -> None:
-    ev = simpy.Event(env)
-    ev._ok = True
-    ev._value = None
-    ev.callbacks.append(callback)
+        callback: Callable[[simpy.Event], None], value: object = None) -> None:
     queue: list[tuple[float, float, int, simpy.Event]] = env._queue  # type: ignore[assignment]
-    heappush(queue, (time_s, priority, next(env._eid), ev))
+    heappush(queue, (time_s, priority, next(env._eid), _Fire(env, callback, value)))
+
+
+def _alone_at(env: simpy.Environment, now: float) -> bool:
+    """True if no other event is due at ``now`` (nothing can join this instant)."""
+    queue: list[tuple[float, float, int, simpy.Event]] = env._queue  # type: ignore[assignment]
+    return not queue or queue[0][0] > now
 
 
 class Worker:
@@ -132,23 +145,25 @@ class Worker:
 
     def _arm_end(self, plan: StepPlan) -> None:
         self._gen += 1
-        gen = self._gen
+        _at(self.env, plan.end_s, self._end_priority, self._on_end_event, self._gen)
 
-        def on_end(_ev: simpy.Event) -> None:
-            if gen == self._gen:
-                self._on_end(plan)
-
-        _at(self.env, plan.end_s, self._end_priority, on_end)
-
-    def _on_end(self, plan: StepPlan) -> None:
+    def _on_end_event(self, ev: simpy.Event) -> None:
+        plan = self.plan
+        if ev._value != self._gen or plan is None:
+            return  # a run end that a cut moved earlier
         self.cluster.counter.events += 1
         now = self.env.now
         done = self.engine.commit(plan, plan.num_steps)
         self.plan = None
         for req in done:
             self.cluster.on_done(req, now)
-        if self.engine.has_work:
-            self._want_schedule(now)
+        if self.engine.has_work and not self._schedule_armed:
+            if _alone_at(self.env, now):
+                # nothing else happens at this instant: decide now, without a
+                # second event (the same decision the deferred one would make)
+                self._on_schedule(ev)
+            else:
+                self._want_schedule(now)
 
 
 @dataclass

@@ -277,6 +277,11 @@ class PrefixLayout:
             self.keys = np.empty(0, dtype=np.int64)
             return
         slots = (t - 1) // block_size + 1
+        if t % block_size == 0:
+            # engine blocks tile each trace block: keys id*S + 0..S-1, in order
+            per = dense_ids[: -(-n // slots)].astype(np.int64) * slots
+            self.keys = (per[:, None] + np.arange(slots)).ravel()[:n]
+            return
         end = np.arange(1, n + 1, dtype=np.int64) * block_size
         k = (end - 1) // t
         self.keys = dense_ids[k].astype(np.int64) * slots + (end - k * t - 1) // block_size

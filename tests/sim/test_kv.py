@@ -129,3 +129,17 @@ def test_small_and_bulk_allocation_walk_the_queue_identically() -> None:
                     held.append(ha.tolist())
             assert a.free_queue_order() == b.free_queue_order()
             assert (a.blk_key == b.blk_key).all() and (a.ref == b.ref).all()
+
+
+def test_prefix_layout_fast_tiling_matches_the_general_formula() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        bs = int(rng.choice([1, 2, 4, 8, 16, 64]))
+        t = bs * int(rng.choice([1, 2, 4, 8]))
+        inp = int(rng.integers(1, 3000))
+        dense = rng.integers(0, 1000, size=int(rng.integers(0, -(-inp // t) + 1)))
+        lay = PrefixLayout(dense, inp, bs, t)
+        end = np.arange(1, lay.num_hashed + 1) * bs
+        k = (end - 1) // t
+        want = dense[k] * ((t - 1) // bs + 1) + (end - k * t - 1) // bs
+        assert lay.keys.tolist() == want.tolist()
