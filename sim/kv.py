@@ -69,7 +69,10 @@ class BlockPool:
         self._stamp = 0
         self.blk_key = np.full(num_blocks, NO_KEY, dtype=np.int64)
         size = num_hash_ids * self.slots_per_hash if enable_caching else 0
-        self._index = np.full(size, -1, dtype=np.int32 if num_blocks < 2**31 else np.int64)
+        # key -> block id; the smallest integer type that holds a block id, since
+        # the index has one entry per (trace block, slot) of the whole trace
+        dtype = np.int16 if num_blocks <= 2**15 else np.int32 if num_blocks <= 2**31 else np.int64
+        self._index = np.full(size, -1, dtype=dtype)
         ids = np.arange(1, num_blocks, dtype=np.int64)
         self._queue: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._head = 0
