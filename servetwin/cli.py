@@ -98,16 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step-by-step", action="store_true",
                    help="disable fast-forward (one event per forward pass)")
     s.set_defaults(func=cmd_simulate)
+    from .screen_cmd import add_parser as add_screen
+
+    add_screen(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sim.scenario import one_line
+
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
         return code
     except ServetwinError as e:
-        print(f"servetwin: error: {e}", file=sys.stderr)
+        print(f"servetwin: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("servetwin: interrupted", file=sys.stderr)

@@ -17,7 +17,8 @@ import re
 import reprlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -54,7 +55,8 @@ class _Model(BaseModel):
     def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, bool) and info.field_name is not None:
             ann = cls.model_fields[info.field_name].annotation
-            if ann is not bool and bool not in getattr(ann, "__args__", ()):
+            types = set(get_args(ann)) if isinstance(ann, UnionType) else {ann}
+            if types & {int, float}:
                 raise ValueError("must be a number, not true/false")
         return v
 
@@ -65,7 +67,7 @@ class ClosedLoopSpec(_Model):
 
 
 class WorkloadSpec(_Model):
-    trace: str | None = None
+    trace: str | None = Field(default=None, min_length=1)
     format: Literal["auto", "mooncake", "azure"] = "auto"
     synthetic: dict[str, Any] | None = None
     time_scale: float = Field(default=1.0, gt=0, le=1e6)
@@ -73,6 +75,9 @@ class WorkloadSpec(_Model):
     start_s: float | None = Field(default=None, ge=0, le=1e12)
     end_s: float | None = Field(default=None, gt=0, le=1e12)
     max_requests: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    # interleave n copies of the selected trace (each copy's prefix ids shifted, so
+    # copies share no cache): the same traffic shape at n times the load
+    copies: int = Field(default=1, ge=1, le=64)
     closed_loop: ClosedLoopSpec | None = None
 
 
@@ -123,13 +128,16 @@ class Scenario(_Model):
     name: str = "scenario"
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
     workload: WorkloadSpec
-    model: str
-    gpu: str
+    model: str = Field(min_length=1)
+    gpu: str = Field(min_length=1)
     dtype: Literal["bf16", "fp16", "fp8"] = "bf16"
     engine: VllmEngineSpec = Field(default_factory=VllmEngineSpec)
     timing: TimingSpec = Field(default_factory=TimingSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+    # a screening scenario's search space: validated by `servetwin screen`
+    # (sim.screen.space), ignored by `servetwin simulate`
+    search: dict[str, Any] | None = None
 
 
 class LoadedScenario:
@@ -272,6 +280,12 @@ def validate_scenario(data: Any, lines: Lines, path: Path | None,
     return LoadedScenario(sc, path, raw, lines)
 
 
+def one_line(text: str) -> str:
+    """Control characters escaped: a key read from the file may hold a newline, and an
+    error message is one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group(0))[1:-1], text)
+
+
 def _check_references(sc: Scenario, where: Callable[..., str]) -> None:
     """What the field types cannot say: one workload source, an ordered window, and a
     synthetic spec, model, GPU, timing profile and router that exist. Checked here so
@@ -294,7 +308,7 @@ def _check_references(sc: Scenario, where: Callable[..., str]) -> None:
             # the workload module names the dotted field first: workload.synthetic.x.y ...
             m = re.match(r"[\w.]+", e.message)
             loc = tuple(m.group(0).split(".")) if m else ("workload", "synthetic")
-            raise ScenarioError(where(*loc), e.message, e.fix) from None
+            raise ScenarioError(where(*loc), one_line(e.message), one_line(e.fix)) from None
     for field, load in (("model", load_model), ("gpu", load_gpu)):
         value = getattr(sc, field)
         try:
@@ -302,13 +316,13 @@ def _check_references(sc: Scenario, where: Callable[..., str]) -> None:
         except InputError as e:
             # a bundled-name miss says `model 'x'`; a bad file says which file and line
             source = "" if e.where == f"{field} {value!r}" else f"{e.where}: "
-            raise ScenarioError(where(field), f"{field} = {value!r}: {source}{e.message}",
-                                e.fix) from None
+            raise ScenarioError(where(field), one_line(f"{field} = {value!r}: {source}"
+                                                      f"{e.message}"), one_line(e.fix)) from None
     try:
         TimingProfile.from_dict(sc.timing.profile)
     except InputError as e:
-        raise ScenarioError(where("timing", "profile"), f"timing.profile: {e.message}",
-                            e.fix) from None
+        raise ScenarioError(where("timing", "profile"), one_line(f"timing.profile: {e.message}"),
+                            one_line(e.fix)) from None
     router = sc.cluster.router
     try:
         cls = ROUTERS.get(router.kind)
@@ -352,7 +366,7 @@ def _explain(e: ValidationError, name: str, lines: Lines,
     # a misspelt key also makes its real name "missing": report the cause
     err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = tuple(str(x) for x in err["loc"])
-    field = ".".join(loc)
+    field = one_line(".".join(loc))
     where = _where(loc, name, lines, overridden)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -366,15 +380,12 @@ def _explain(e: ValidationError, name: str, lines: Lines,
         return ScenarioError(where, f"{field} = {shown}: must be a section of keys",
                              f"write {field}: as key: value lines"
                              + (f" ({', '.join(keys)})" if keys else ""))
-    msg = err["msg"]
-    for prefix in ("Value error, ", "Input should be "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix):]
+    # pydantic's "Input should be ...", "String should have ...": say "must ..."
+    msg = re.sub(r"^(Input|String|List|Dict) should ", "must ",
+                 err["msg"].removeprefix("Value error, "))
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
         msg = f"must be {op} {_num(err.get('ctx', {}).get(key))}"
-    if not msg.startswith("must "):
-        msg = "must be " + msg
     allowed = _allowed(loc) or "a valid value"
     return ScenarioError(where, f"{field} = {shown}: {msg}", f"set {field} to {allowed}")
 

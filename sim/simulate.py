@@ -15,7 +15,7 @@ import numpy as np
 from .catalog import GpuSpec, ModelSpec, load_gpu, load_model
 from .cluster import Cluster, SimOutcome
 from .engines.vllm import VllmConfig, VllmEngine
-from .errors import ConfigError, InputError, ScenarioError
+from .errors import ConfigError, InputError, ScenarioError, TraceError
 from .kv import dense_hash_ids
 from .metrics import Records, build_records, engine_summary, summarize
 from .router import make_router
@@ -172,21 +172,39 @@ def load_workload(loaded: LoadedScenario) -> Trace:
     w = loaded.scenario.workload
     if w.trace is not None:
         path = loaded.resolve_path(w.trace)
-        if not path.exists():
+        if not path.is_file():
+            what = "not a file" if path.exists() else "file not found"
             raise ScenarioError(loaded.where("workload", "trace"),
-                                f"workload.trace = {w.trace!r}: file not found ({path})",
+                                f"workload.trace = {w.trace!r}: {what} ({path})",
                                 "give a path relative to the scenario file or an absolute one")
         trace = load_trace(path, w.format)
     else:
         assert w.synthetic is not None
         rng = np.random.default_rng(np.random.SeedSequence(loaded.scenario.seed).spawn(1)[0])
-        trace = synthesize(w.synthetic, rng)
-    if w.start_s is not None or w.end_s is not None or w.max_requests is not None:
-        trace = trace.sliced(start_s=w.start_s, end_s=w.end_s, max_requests=w.max_requests)
-    if w.time_scale != 1.0:
-        trace = trace.scaled(w.time_scale)
-    if w.output_scale != 1.0:
-        trace = trace.with_output_scale(w.output_scale)
+        try:
+            trace = synthesize(w.synthetic, rng)
+        except TraceError as e:
+            raise ScenarioError(loaded.where("workload", "synthetic"), e.message, e.fix) from None
+    # the trace operations check their arguments; name the scenario field they came from
+    field = next((f for f in ("start_s", "end_s", "max_requests") if getattr(w, f) is not None),
+                 "")
+    try:
+        if field:
+            trace = trace.sliced(start_s=w.start_s, end_s=w.end_s, max_requests=w.max_requests)
+        field = "time_scale"
+        if w.time_scale != 1.0:
+            trace = trace.scaled(w.time_scale)
+        field = "output_scale"
+        if w.output_scale != 1.0:
+            trace = trace.with_output_scale(w.output_scale)
+    except TraceError as e:
+        raise ScenarioError(loaded.where("workload", field),
+                            f"workload.{field} = {getattr(w, field)}: {e.message}",
+                            e.fix) from None
+    if w.copies > 1:
+        one = trace
+        for _ in range(w.copies - 1):
+            trace = trace.merged(one)
     if len(trace) == 0:
         raise ScenarioError(loaded.where("workload"), "the workload selects no request",
                             "widen workload.start_s/end_s or max_requests")

@@ -126,7 +126,7 @@ def length_spec(value: Any, path: str) -> LengthSpec:
         spec: LengthSpec = value
     elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         spec = FixedLength(int(value))
-    elif isinstance(value, Mapping) and value.get("kind") in LENGTH_KINDS:
+    elif isinstance(value, Mapping) and value.get("kind") in tuple(LENGTH_KINDS):
         rest = {k: v for k, v in value.items() if k != "kind"}
         spec = _build(LENGTH_KINDS[value["kind"]], rest, path)
     else:
