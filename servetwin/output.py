@@ -47,7 +47,8 @@ def records_table(records: Records) -> Any:
     import pyarrow as pa
 
     cols = {name: records.columns[name] for name in RECORD_COLUMNS}
-    arrays = {k: pa.array(v) for k, v in cols.items()}
+    # strings from a Python list: pyarrow would import pandas to read an object array
+    arrays = {k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()}
     off = records.token_offsets.astype(np.int32 if records.token_offsets[-1] < 2**31 else np.int64)
     values = pa.array(records.token_times_s, type=pa.float64())
     if off.dtype == np.int32:
@@ -73,7 +74,11 @@ def write_records(path: Path, records: Records) -> Path:
     import pyarrow.parquet as pq
 
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(records_table(records), tmp, compression="zstd")
+    # token times: byte-stream-split makes float columns compress (20 MB, not 32 MB,
+    # for the Mooncake trace) at a fraction of plain zstd's time
+    pq.write_table(records_table(records), tmp, compression="zstd",
+                   use_dictionary=["status", "reject_reason"],
+                   column_encoding={"token_times_s": "BYTE_STREAM_SPLIT"})
     os.replace(tmp, path)
     return path
 
