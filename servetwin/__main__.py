@@ -1,3 +1,4 @@
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # a spawned process-pool worker imports this module too
+    raise SystemExit(main())

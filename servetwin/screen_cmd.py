@@ -11,8 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sim.errors import ScenarioError
 
 
@@ -37,16 +35,10 @@ def add_parser(sub: Any) -> None:
 def _read(path: Path) -> tuple[dict[str, Any], str]:
     from sim.scenario import load_scenario
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ScenarioError(str(path), "file not found", "check the path") from None
-    # the base scenario must validate on its own (line-numbered errors come from here)
-    raw = yaml.safe_load(text)
-    if not isinstance(raw, dict):
-        load_scenario(path)  # raises the scenario loader's own error
-        raise ScenarioError(str(path), "not a mapping", "write a scenario mapping")
-    return raw, text
+    # the base scenario must validate on its own: YAML and field errors come from the
+    # scenario loader with the file's line, not blamed on the first swept field
+    loaded = load_scenario(path)
+    return loaded.raw, path.read_text(encoding="utf-8")
 
 
 def _terminate(signum: int, _frame: Any) -> None:
@@ -63,6 +55,9 @@ def cmd_screen(args: argparse.Namespace) -> int:
     path = Path(args.scenario)
     raw, text = _read(path)
     spec = parse_search(raw, str(path))
+    if args.workers is not None and args.workers < 1:
+        raise ScenarioError("--workers", f"{args.workers}: must be >= 1",
+                            "give a process count, or leave it out for one per core")
     if args.budget is not None:
         if args.budget < 1:
             raise ScenarioError("--budget", f"{args.budget}: must be >= 1", "give a GPU count")
@@ -79,11 +74,16 @@ def cmd_screen(args: argparse.Namespace) -> int:
           f"{'configs' if spec.strategy == 'grid' else 'trials'} over "
           f"{', '.join(spec.space)}; executor {args.executor}; results in {out}",
           file=sys.stderr, flush=True)
-    signal.signal(signal.SIGTERM, _terminate)
-    t0 = time.perf_counter()
-    executor = make_executor(args.executor, args.address, args.workers)
-    rows = run_search(spec, str(path.resolve()), executor, out, progress=not args.quiet)
-    wall = time.perf_counter() - t0
+    # SIGTERM stops the sweep like Ctrl-C; the caller's handler is back afterwards (an
+    # in-process caller, e.g. a test or a notebook, keeps its own)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        t0 = time.perf_counter()
+        executor = make_executor(args.executor, args.address, args.workers)
+        rows = run_search(spec, str(path.resolve()), executor, out, progress=not args.quiet)
+        wall = time.perf_counter() - t0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     df = analyze(rows, spec)
     entries = shortlist(df, spec)
     paths = write_outputs(out, df, spec, entries, text, base_dir=path.resolve().parent)

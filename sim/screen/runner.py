@@ -112,8 +112,13 @@ class Checkpoint:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: dict[str, Row] = {}
+        # a torn tail has no newline: the next row starts a new line, or it would be
+        # glued to the tail and lost to the next resume
+        self.torn = False
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            data = path.read_bytes()
+            self.torn = not data.endswith(b"\n") and len(data) > 0
+            for line in data.decode("utf-8", errors="replace").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
@@ -122,11 +127,15 @@ class Checkpoint:
                     self.rows[row["config_id"]] = row
 
     def add(self, row: Row) -> None:
-        self.rows[row["config_id"]] = row
+        line = json.dumps(row, sort_keys=True, default=_json_default)
+        # keep the row as a resumed run reads it back (key order, plain types), so that
+        # a resumed sweep's tables equal an uninterrupted one's, columns included
+        self.rows[row["config_id"]] = json.loads(line)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True, default=_json_default) + "\n")
+            f.write(("\n" if self.torn else "") + line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.torn = False
 
 
 def _json_default(x: Any) -> Any:
@@ -187,13 +196,19 @@ class LocalExecutor:
             for p in points:
                 yield evaluate(spec.base, base_path, p, spec.budget_gpus, spec.slo)
             return
-        with ProcessPoolExecutor(max_workers=self.max_workers) as pool:
+        pool = ProcessPoolExecutor(max_workers=self.max_workers)
+        try:
             pending = {pool.submit(evaluate, spec.base, base_path, p, spec.budget_gpus,
                                    spec.slo) for p in points}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     yield fut.result()
+        finally:
+            # A stopped sweep (SIGTERM, Ctrl-C, an error) drops the configs not yet
+            # started: the pool's default shutdown would run every one of them first,
+            # for results nobody checkpoints.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayExecutor:
@@ -216,10 +231,14 @@ class RayExecutor:
         task = ray.remote(evaluate)
         pending = [task.remote(spec.base, base_path, p, spec.budget_gpus, spec.slo)
                    for p in points]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                yield ray.get(ref)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    yield ray.get(ref)
+        finally:
+            for ref in pending:  # a stopped sweep leaves no tasks running on the cluster
+                ray.cancel(ref)
 
 
 def make_executor(kind: str, address: str | None = None,

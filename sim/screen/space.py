@@ -25,6 +25,7 @@ Every error names the field (``search.space.engine.max_num_seq``) and the fix.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import itertools
 import json
@@ -148,8 +149,7 @@ def _parse_space(space: Any, base: dict[str, Any], where: str) -> dict[str, tupl
         name = f"search.space.{key}"
         if not isinstance(key, str) or not _field_exists(key):
             raise ScenarioError(where, f"{name}: no such scenario field",
-                                "use a dotted scenario field, e.g. engine.max_num_seqs "
-                                "or cluster.num_workers")
+                                _field_fix(str(key)))
         values = _values(spec, name, where)
         if len(set(map(_hashable, values))) != len(values):
             raise ScenarioError(where, f"{name}: repeated values {list(values)!r}",
@@ -212,6 +212,42 @@ def _field_exists(dotted: str) -> bool:
                 return ann is not None and "dict" in str(ann)
             model = sub[0]
     return True
+
+
+def _field_fix(dotted: str) -> str:
+    """The nearest valid name and the fields of the section where ``dotted`` went off
+    the scenario: 'did you mean engine.max_num_seqs? engine's fields: ...'."""
+    model: Any = Scenario
+    prefix = ""
+    for part in dotted.split(".")[:-1]:
+        sub = _sub_model(model, part)
+        if sub is None:
+            break
+        model, prefix = sub, f"{prefix}{part}."
+    names = sorted(n for n in model.model_fields if n != "search")
+    near = difflib.get_close_matches(dotted, _dotted_fields(Scenario, ""), n=1)
+    section = f"{prefix[:-1]}'s fields" if prefix else "the scenario's sections and fields"
+    return (f"did you mean {near[0]}? " if near else "use a dotted scenario field; ") + \
+        f"{section}: {', '.join(names)}"
+
+
+def _sub_model(model: Any, part: str) -> Any:
+    f = model.model_fields.get(part)
+    if f is None:
+        return None
+    sub = [a for a in getattr(f.annotation, "__args__", (f.annotation,))
+           if isinstance(a, type) and issubclass(a, BaseModel)]
+    return sub[0] if sub else None
+
+
+def _dotted_fields(model: Any, prefix: str) -> list[str]:
+    """Every leaf field, dotted: the names a space can sweep."""
+    out: list[str] = []
+    for name in model.model_fields:
+        if name != "search":
+            sub = _sub_model(model, name)
+            out += _dotted_fields(sub, f"{prefix}{name}.") if sub else [prefix + name]
+    return out
 
 
 def _parse_slo(slo: Any, where: str) -> dict[str, dict[str, float]]:
