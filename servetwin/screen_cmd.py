@@ -71,7 +71,7 @@ def cmd_screen(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n = spec.grid_size if spec.strategy == "grid" else spec.trials
     print(f"servetwin screen: {name}: {spec.strategy}, {n:,} "
-          f"{'configs' if spec.strategy == 'grid' else 'trials'} over "
+          f"{'configs' if spec.strategy == 'grid' else 'configs to sample'} over "
           f"{', '.join(spec.space)}; executor {args.executor}; results in {out}",
           file=sys.stderr, flush=True)
     # SIGTERM stops the sweep like Ctrl-C; the caller's handler is back afterwards (an
