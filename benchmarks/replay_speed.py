@@ -119,16 +119,17 @@ def fmt(xs: list[float]) -> str:
 
 
 def report(cmds: list[Command]) -> None:
-    print(f"\n{'command':<28}{'median':>9}{'min':>9}{'max':>9}  wall s  |  sim s  x real"
-          f"  passes     events   peak MB  ITL p50  TTFT p50  prefix reuse")
+    print(f"\n{'command':<16}{'median':>9}{'min':>9}{'max':>9}  wall s |{'sim s':>8}"
+          f"{'x real':>8}{'passes':>11}{'events':>11}{'peak MB':>9}{'ITL p50':>11}"
+          f"{'TTFT p50':>11}{'prefix reuse':>14}")
     for c in cmds:
         i = c.info
         med = statistics.median(c.walls)
-        passes = f"{i['passes']:>9,.0f}" if "passes" in i else f"{'-':>9}"
-        events = f"{i['events']:>10,.0f}" if "events" in i else f"{'-':>10}"
-        print(f"{c.label:<28}{fmt(c.walls)}  |{i['sim_s']:8.1f}{i['sim_s'] / med:8.0f}"
-              f"{passes}{events}{max(c.peaks_mb):10.0f}{i['itl_p50_ms']:8.2f} ms"
-              f"{i['ttft_p50_ms']:8.1f} ms{100 * i['prefix_reuse']:9.2f} %")
+        passes = f"{i['passes']:>11,.0f}" if "passes" in i else f"{'-':>11}"
+        events = f"{i['events']:>11,.0f}" if "events" in i else f"{'-':>11}"
+        print(f"{c.label:<16}{fmt(c.walls)}        |{i['sim_s']:8.1f}{i['sim_s'] / med:8.0f}"
+              f"{passes}{events}{max(c.peaks_mb):9.0f}{i['itl_p50_ms']:8.2f} ms"
+              f"{i['ttft_p50_ms']:8.1f} ms{100 * i['prefix_reuse']:12.2f} %")
     base = cmds[-1]
     for c in cmds[:-1]:
         ratios = [a / b for a, b in zip(c.walls, base.walls, strict=True)]
