@@ -95,7 +95,7 @@ def _slo_verdict(row: dict[Any, Any], spec: SearchSpec) -> str:
     for metric, bounds in spec.slo.items():
         for pct, bound in bounds.items():
             col = f"{metric}.{pct}"
-            value = _num(row.get(col))
+            value = finite_or_none(row.get(col))
             if value is None:
                 failed.append(f"{col} missing (bound {bound:g} s)")
             elif value > bound:
@@ -210,7 +210,7 @@ def compare(row: pd.Series, other: pd.Series, field: str, spec: SearchSpec) -> s
     for metric, bounds in spec.slo.items():
         for pct, bound in bounds.items():
             col = f"{metric}.{pct}"
-            a, b = _num(other.get(col)), _num(row.get(col))
+            a, b = finite_or_none(other.get(col)), finite_or_none(row.get(col))
             if a is not None and b is not None and a > bound >= b:
                 slo_failed.add(col)
                 parts.append((math.inf, len(parts), f"{latency_name(col)} {_fmt_s(a)} → "
@@ -227,7 +227,7 @@ def compare(row: pd.Series, other: pd.Series, field: str, spec: SearchSpec) -> s
 
 
 def _no_move(row: pd.Series, other: pd.Series, spec: SearchSpec) -> str:
-    axes = [(c, kind, _num(other.get(c)), _num(row.get(c))) for c, kind in
+    axes = [(c, kind, finite_or_none(other.get(c)), finite_or_none(row.get(c))) for c, kind in
             (("throughput_per_gpu", "ratio"), (spec.objective, "latency"))]
     if all(a == b for _, _, a, b in axes):
         return (f"identical throughput/GPU and {latency_name(spec.objective)}; listed by the "
@@ -253,7 +253,7 @@ def _moves(row: pd.Series, other: pd.Series, spec: SearchSpec
     if row.get("gpu") != other.get("gpu"):
         cols.append(("cost_per_m_output_tokens", "cost"))
     for i, (col, kind) in enumerate(cols):
-        a, b = _num(other.get(col)), _num(row.get(col))
+        a, b = finite_or_none(other.get(col)), finite_or_none(row.get(col))
         if a is None or b is None:
             continue
         if kind in ("count", "fraction"):
@@ -322,7 +322,8 @@ def frontier_points(df: pd.DataFrame, spec: SearchSpec) -> list[tuple[float, flo
 
 
 # ---------------------------------------------------------------- helpers
-def _num(v: Any) -> float | None:
+def finite_or_none(v: Any) -> float | None:
+    """A finite float, or None for anything else (missing, text, NaN, inf)."""
     if v is None or isinstance(v, bool | str):
         return None
     try:

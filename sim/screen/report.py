@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from ..errors import ServetwinError
-from .analysis import KNOB, knob_fields, knob_label, latency_name, slo_columns
+from .analysis import KNOB, finite_or_none, knob_fields, knob_label, latency_name, slo_columns
 from .space import SearchSpec, apply
 
 # (column, header, kind): kind "s" is shown in ms, "n0"/"n2" numbers with 0/2 decimals
@@ -274,7 +274,7 @@ def _td(sort_key: Any, inner: str) -> str:
 
 
 def _num_td(v: Any, kind: str) -> str:
-    x = _float(v)
+    x = finite_or_none(v)
     if x is None:
         return '<td data-sort=""></td>'
     shown = x * 1e3 if kind == "s" else x
@@ -282,7 +282,7 @@ def _num_td(v: Any, kind: str) -> str:
 
 
 def _fmt(v: Any, kind: str) -> str:
-    x = _float(v)
+    x = finite_or_none(v)
     if x is None:
         return "–"
     if kind == "s":
@@ -291,16 +291,6 @@ def _fmt(v: Any, kind: str) -> str:
     if kind == "pct":
         return f"{x:.1%}"
     return f"{x:,.0f}" if kind == "n0" else f"{x:,.2f}"
-
-
-def _float(v: Any) -> float | None:
-    if v is None or isinstance(v, bool | str):
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _plain(v: Any) -> str:
