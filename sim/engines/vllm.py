@@ -68,7 +68,8 @@ def cdiv(a: int, b: int) -> int:
 class StepPlan:
     """What one step (or one fast-forward run of identical decode steps) does."""
 
-    __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "num_d",
+    __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "k_done",
+                 "num_d",
                  "num_p", "num_steps", "preempted", "requests", "scheduled", "seqs_p",
                  "start_s", "used", "waiting_len", "work_p")
 
@@ -94,6 +95,7 @@ class StepPlan:
         self.requests: list[Request] = []
         self.ev_steps: list[int] = []
         self.ev_owner: list[int] = []
+        self.k_done = 0  # steps until the first request of the run finishes
 
     @property
     def is_run(self) -> bool:
@@ -365,6 +367,7 @@ class VllmEngine:
         # the first event that cannot get a block ends the run before its step
         k = k_done if len(ev_steps) <= free else ev_steps[free]
         plan.requests = list(reqs)
+        plan.k_done = k_done
         plan.ev_steps = ev_steps
         plan.ev_owner = ev_owner
         plan.num_steps = k
@@ -412,12 +415,20 @@ class VllmEngine:
                 if req.num_output == 0:
                     # a prompt whose last chunk was one token joins a decode run
                     req.first_token_s = float(plan.ends[0])
+        last = first_idx + m
         for req in reqs:
             req.num_computed += m
             req.num_output += m
             req.num_tokens += m
-            req.add_token_steps(first_idx, m)
+            ts = req.token_steps  # Request.add_token_steps, inlined: this loop is hot
+            if ts and ts[-1] == first_idx:
+                ts[-1] = last
+            else:
+                ts.append(first_idx)
+                ts.append(last)
         self._hand_out_blocks(plan, max(lo, 1), hi)
+        if hi < plan.k_done:
+            return []  # a run ends its requests only in step k_done - 1
         return self._finish(float(plan.ends[hi - 1]))
 
     def _hand_out_blocks(self, plan: StepPlan, a: int, hi: int) -> None:
