@@ -26,7 +26,7 @@ from servetwin.cli import main
 from sim.scenario import validate_scenario
 from sim.screen.runner import Checkpoint
 from sim.screen.space import config_id, parse_search
-from tests.sim.screen.test_report import CHROMIUM, PROBE, chromium
+from tests.sim.screen.test_report import CHROMIUM, render
 
 REPO = Path(__file__).resolve().parents[1]
 AZURE_HEAD = REPO / "scenarios" / "traces" / "azure_conv_head.csv"
@@ -312,15 +312,7 @@ def _get(doc: dict[str, Any], dotted: str) -> Any:
 def _check_report_renders(tmp_path: Path, html_path: Path, df: pd.DataFrame) -> None:
     import matplotlib.image
 
-    shot = tmp_path / "shot.png"
-    chromium(tmp_path, f"--screenshot={shot}", html_path.as_uri())
-    probe_html = tmp_path / "probe.html"
-    probe_html.write_text(html_path.read_text(encoding="utf-8").replace(
-        "</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = chromium(tmp_path, "--virtual-time-budget=2000", "--dump-dom", probe_html.as_uri())
-    m = re.search(r'<pre id="probe">(.*?)</pre>', dom)
-    assert m, dom[-2000:]
-    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    shot, probe, dom = render(tmp_path, html_path)
 
     # the table: one row per config, every one of them
     assert dom.count("<tr data-config-id=") == len(df) == 48

@@ -178,6 +178,21 @@ def chromium(tmp_path, *args):
     return done.stdout
 
 
+def render(tmp_path, html_path):
+    """Screenshot the report, then load it with PROBE and dump the DOM:
+    (screenshot path, the probe's findings, the DOM text)."""
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, f"--screenshot={shot}", html_path.as_uri())
+    probe_html = tmp_path / "probe.html"
+    probe_html.write_text(html_path.read_text(encoding="utf-8").replace(
+        "</body>", PROBE + "</body>"), encoding="utf-8")
+    dom = chromium(tmp_path, "--virtual-time-budget=2000", "--dump-dom", probe_html.as_uri())
+    m = re.search(r'<pre id="probe">(.*?)</pre>', dom)
+    assert m, dom[-2000:]
+    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    return shot, probe, dom
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed: apt-get install -y "
                     "chromium (CI installs it)")
 def test_report_renders_in_headless_chromium(tmp_path):
@@ -187,16 +202,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     df, _, out = write(tmp_path, rows)
     html_path = out["report.html"]
 
-    shot = tmp_path / "shot.png"
-    chromium(tmp_path, f"--screenshot={shot}", html_path.as_uri())
-    probe_html = tmp_path / "probe.html"
-    probe_html.write_text(html_path.read_text(encoding="utf-8").replace(
-        "</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = chromium(tmp_path, "--virtual-time-budget=2000", "--dump-dom", probe_html.as_uri())
-
-    m = re.search(r'<pre id="probe">(.*?)</pre>', dom)
-    assert m, dom[-2000:]
-    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    shot, probe, dom = render(tmp_path, html_path)
     assert probe["src"] == "data:image/png;base64,"
     assert probe["width"] > 400 and probe["height"] > 300  # the PNG decoded
     assert dom.count("<tr data-config-id=") == len(df) == 6
