@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,7 +66,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{resolved.model.name} on {resolved.gpu.name} TP {sc.engine.tensor_parallel_size} "
           f"({mode})", file=sys.stderr, flush=True)
     print(f"  KV cache: {resolved.kv_capacity_note}", file=sys.stderr, flush=True)
-    result = simulate(resolved, fast_forward=False if args.step_by_step else None)
+    result = simulate(resolved, fast_forward=False if args.step_by_step else None,
+                      progress=_progress_line(t0) if sys.stderr.isatty() else None)
     wall = time.perf_counter() - t0
     try:
         out = _run_dir(Path(args.reports), sc.name, args.out)
@@ -81,6 +83,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           + (f" ({sim_s / wall:,.0f}x real time)" if wall > 0 else ""))
     print(f"  wrote {rec_path}, {out / 'summary.json'}, {out / 'scenario.resolved.yaml'}")
     return 0
+
+
+def _progress_line(t0: float) -> Callable[[int, int], None]:
+    """A one-line progress display on a terminal: requests done, wall time, ETA."""
+
+    def show(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - t0
+        eta = elapsed * (total - done) / done if done else 0.0
+        end = "\n" if done >= total else ""
+        print(f"\r  simulating: {done:,}/{total:,} requests done ({100 * done // total} %), "
+              f"{elapsed:.1f} s, ETA {eta:.0f} s   ", end=end, file=sys.stderr, flush=True)
+
+    return show
 
 
 def build_parser() -> argparse.ArgumentParser:

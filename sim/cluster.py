@@ -176,8 +176,11 @@ class SimOutcome:
 
 class Cluster:
     def __init__(self, engines: Sequence[VllmEngine], router: Router, trace: Trace,
-                 dense_hash_ids: np.ndarray, closed_loop: ClosedLoop | None = None) -> None:
-        """``dense_hash_ids``: the trace's hash ids renumbered densely (kv.dense_hash_ids)."""
+                 dense_hash_ids: np.ndarray, closed_loop: ClosedLoop | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        """``dense_hash_ids``: the trace's hash ids renumbered densely (kv.dense_hash_ids).
+        ``progress(done, total)`` is called each time another percent of the requests
+        has finished (the caller decides how to show it; the simulation keeps no clock)."""
         self.env = simpy.Environment()
         self.num_workers = len(engines)
         self.workers = [Worker(self, i, e) for i, e in enumerate(engines)]
@@ -194,6 +197,9 @@ class Cluster:
             n = min(n, closed_loop.num_requests)
         self._num_total = n
         self._ids = itertools.count()
+        self._progress = progress
+        self._num_done = 0
+        self._next_report = 0
 
     # ------------------------------------------------------------- arrivals
     def _make(self, i: int, arrival_s: float) -> Request:
@@ -232,6 +238,11 @@ class Cluster:
 
     def on_done(self, req: Request, now: float) -> None:
         """A request finished or was refused; a closed loop replaces it at once."""
+        self._num_done += 1
+        if self._progress is not None and (self._num_done >= self._next_report
+                                           or self._num_done == self._num_total):
+            self._progress(self._num_done, self._num_total)
+            self._next_report = self._num_done + max(1, self._num_total // 100)
         if self.closed_loop is not None:
             self._release(now)
 

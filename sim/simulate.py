@@ -7,6 +7,7 @@ count); ``simulate`` runs the cluster and returns a ``SimResult``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,7 +230,8 @@ def resolve(loaded: LoadedScenario) -> Resolved:
     return Resolved(loaded, trace, model, gpu, engine, timing, closed, note)
 
 
-def simulate(resolved: Resolved, fast_forward: bool | None = None) -> SimResult:
+def simulate(resolved: Resolved, fast_forward: bool | None = None,
+             progress: Callable[[int, int], None] | None = None) -> SimResult:
     sc = resolved.loaded.scenario
     ff = sc.simulation.fast_forward if fast_forward is None else fast_forward
     trace = resolved.trace
@@ -243,7 +245,7 @@ def simulate(resolved: Resolved, fast_forward: bool | None = None) -> SimResult:
     except TypeError as e:
         raise ScenarioError(resolved.loaded.where("cluster", "router"),
                             f"cluster.router: {e}", "check the router's parameters") from None
-    outcome = Cluster(engines, router, trace, dense, resolved.closed_loop).run()
+    outcome = Cluster(engines, router, trace, dense, resolved.closed_loop, progress).run()
     records = build_records(outcome)
     summary = summarize(records)
     summary["engine"] = engine_summary(outcome, summary["duration_s"])

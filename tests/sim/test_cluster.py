@@ -1,5 +1,6 @@
 """The cluster's event order, computed by hand (dyadic step times: exact floats)."""
 
+import numpy as np
 import pytest
 
 from sim.engines.vllm import VllmConfig
@@ -60,3 +61,21 @@ def test_closed_loop_request_count_limit() -> None:
     trace = make_trace([0.0] * 5, [4] * 5, [2] * 5)
     _, rec = run_cluster(trace, CFG, 1, True, TIMING, ClosedLoop(2, num_requests=3))
     assert len(rec) == 3
+
+
+def test_progress_reports_each_percent_and_the_end() -> None:
+    from sim.cluster import Cluster
+    from sim.engines.vllm import VllmEngine
+    from sim.kv import dense_hash_ids
+    from sim.router import make_router
+
+    n = 250
+    trace = make_trace([0.1 * i for i in range(n)], [4] * n, [2] * n)
+    dense, ids = dense_hash_ids(trace.hash_ids)
+    calls: list[tuple[int, int]] = []
+    engine = VllmEngine(CFG, TIMING, 0, ids)
+    router = make_router("round_robin", {}, 1, np.random.default_rng(0))
+    Cluster([engine], router, trace, dense, progress=lambda d, t: calls.append((d, t))).run()
+    done = [d for d, _ in calls]
+    assert calls[-1] == (n, n) and all(t == n for _, t in calls)
+    assert done == sorted(set(done)) and len(done) == 126  # every 2 requests, then the end
