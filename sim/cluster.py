@@ -170,7 +170,6 @@ class Worker:
 class SimOutcome:
     requests: list[Request]
     engines: list[VllmEngine]
-    sim_end_s: float
     num_events: int
 
 
@@ -261,5 +260,4 @@ class Cluster:
                 _at(self.env, 0.0, ARRIVAL_PRIORITY, start)
         self.env.run()
         self.requests.sort(key=lambda r: r.rid)
-        return SimOutcome(self.requests, self.engines, float(self.env.now),
-                          self.counter.events)
+        return SimOutcome(self.requests, self.engines, self.counter.events)

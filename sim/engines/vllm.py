@@ -98,10 +98,6 @@ class StepPlan:
         self.k_done = 0  # steps until the first request of the run finishes
 
     @property
-    def is_run(self) -> bool:
-        return self.num_steps > 1
-
-    @property
     def end_s(self) -> float:
         return float(self.ends[self.num_steps - 1])
 
