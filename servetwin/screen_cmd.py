@@ -48,7 +48,7 @@ def _terminate(signum: int, _frame: Any) -> None:
 def cmd_screen(args: argparse.Namespace) -> int:
     from sim.screen.analysis import analyze, shortlist
     from sim.screen.report import write_outputs
-    from sim.screen.runner import make_executor
+    from sim.screen.runner import Checkpoint, make_executor
     from sim.screen.search import run_search
     from sim.screen.space import parse_search
 
@@ -77,6 +77,8 @@ def cmd_screen(args: argparse.Namespace) -> int:
     # SIGTERM stops the sweep like Ctrl-C; the caller's handler is back afterwards (an
     # in-process caller, e.g. a test or a notebook, keeps its own)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    checkpoint = out / "results.jsonl"
+    resumed = len(Checkpoint(checkpoint).rows) if checkpoint.exists() else 0
     try:
         t0 = time.perf_counter()
         executor = make_executor(args.executor, args.address, args.workers)
@@ -87,16 +89,21 @@ def cmd_screen(args: argparse.Namespace) -> int:
     df = analyze(rows, spec)
     entries = shortlist(df, spec)
     paths = write_outputs(out, df, spec, entries, text, base_dir=path.resolve().parent)
-    _print_summary(df, entries, spec, wall)
+    _print_summary(df, entries, spec, wall, resumed)
     print("  wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
-def _print_summary(df: Any, entries: list[dict[str, Any]], spec: Any, wall: float) -> None:
+def _print_summary(df: Any, entries: list[dict[str, Any]], spec: Any, wall: float,
+                   resumed: int) -> None:
     counts = df["status"].value_counts().to_dict()
     ok = int(counts.get("ok", 0))
     feasible = int(df["slo_ok"].sum())
-    print(f"\n  {len(df):,} configs in {wall:.1f} s ({60 * len(df) / wall:.1f}/min): "
+    fresh = len(df) - min(resumed, len(df))
+    rate = f"{fresh} evaluated in {wall:.1f} s, {60 * fresh / wall:.1f}/min" if fresh else \
+        "all from the checkpoint"
+    print(f"\n  {len(df):,} configs ({rate}"
+          + (f"; {resumed} from the checkpoint" if fresh and resumed else "") + "): "
           f"{ok} simulated, {counts.get('infeasible', 0)} infeasible, "
           f"{counts.get('error', 0)} errors; {feasible} meet the SLOs; "
           f"{int(df['pareto'].sum())} on the frontier")

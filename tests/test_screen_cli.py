@@ -96,7 +96,7 @@ def run_screen(path: Path, out: Path, *extra: str, timeout_s: float = 300) -> No
     with screen_process(path, out, *extra) as proc:
         stdout, stderr = proc.communicate(timeout=timeout_s)
         assert proc.returncode == 0, stderr[-3000:]
-        assert f"{NUM_CONFIGS} configs in" in stdout
+        assert f"{NUM_CONFIGS} configs (" in stdout
         assert_session_ends(proc.pid)
 
 
