@@ -227,12 +227,15 @@ class VllmEngine:
             evictable = int(np.count_nonzero(pool.ref[hit] == 0)) if hit.size else 0
             check_tokens = req.num_tokens if cfg.scheduler_reserve_full_isl else computed + n
             need_check = cdiv(check_tokens, bs) - int(hit.size) + evictable
-            if need_check > pool.num_free - self._watermark_blocks:
-                if not self.running and need_check > pool.num_usable - self._watermark_blocks:
+            # the watermark holds back waiting requests only while something runs
+            # (vllm/v1/core/kv_cache_manager.py @ v0.33.0, allocate_slots)
+            watermark = self._watermark_blocks if self.running else 0
+            if need_check > pool.num_free - watermark:
+                if not self.running:
                     # can never fit, even with an empty engine: refuse instead of hanging
                     self.waiting.popleft()
                     req.reject_reason = (f"needs {need_check} KV blocks, pool has "
-                                         f"{pool.num_usable - self._watermark_blocks} usable")
+                                         f"{pool.num_usable} usable")
                     self._rejected.append(req)
                     continue
                 return True
