@@ -64,29 +64,25 @@ def build_records(outcome: SimOutcome) -> Records:
 
 
 def _token_times(outcome: SimOutcome) -> tuple[np.ndarray, np.ndarray]:
-    """Expand each request's step ranges into token times (vectorised)."""
+    """Each request's token times: slices of its worker's step end times, one per
+    range of steps it produced tokens in, joined in request order (no index array
+    as long as the token count: a long trace has tens of millions of tokens)."""
     ends = [e.steps.column("end_s") for e in outcome.engines]
-    base = np.cumsum([0] + [a.size for a in ends])
-    all_ends = np.concatenate(ends) if ends else np.empty(0)
-    starts: list[int] = []
-    stops: list[int] = []
+    pieces: list[np.ndarray] = []
     per_req = np.zeros(len(outcome.requests), dtype=np.int64)
     for i, r in enumerate(outcome.requests):
         ts = r.token_steps
         if not ts:
             continue
-        b = int(base[r.worker_id])
+        w = ends[r.worker_id]
         total = 0
         for j in range(0, len(ts), 2):
-            starts.append(ts[j] + b)
-            stops.append(ts[j + 1] + b)
+            pieces.append(w[ts[j]:ts[j + 1]])
             total += ts[j + 1] - ts[j]
         per_req[i] = total
     offsets = np.concatenate(([0], np.cumsum(per_req)))
-    a = np.asarray(starts, dtype=np.int64)
-    lens = np.asarray(stops, dtype=np.int64) - a
-    idx = np.repeat(a - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(lens.sum())
-    return offsets, all_ends[idx]
+    times = np.concatenate(pieces) if pieces else np.empty(0)
+    return offsets, times
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -112,15 +108,11 @@ def summarize(records: Records) -> dict[str, Any]:
     tpot = (e2e[multi] - ttft[multi]) / (out_tokens[multi] - 1)
     off = records.token_offsets
     times = records.token_times_s
-    gaps = np.diff(times)
-    # drop the gap between one request's last token and the next request's first
-    boundary = np.zeros(gaps.size, dtype=bool)
-    inner = off[1:-1]
-    inner = inner[(inner > 0) & (inner <= gaps.size)]
-    boundary[inner - 1] = True
-    ok_tok = np.repeat(ok, np.diff(off))
-    keep = ~boundary & ok_tok[1:] if gaps.size else boundary
-    itl = gaps[keep]
+    # ITL: the gaps inside each completed request, request by request (never the gap
+    # from one request's last token to the next one's first)
+    counts = np.diff(off)
+    pieces = [np.diff(times[off[i]:off[i + 1]]) for i in np.flatnonzero(ok & (counts > 1))]
+    itl = np.concatenate(pieces) if pieces else np.empty(0)
     n_all = len(records)
     duration = float(finish.max() - c["arrival_s"].min()) if ok.any() else 0.0
     rate = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
