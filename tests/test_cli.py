@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 
 from servetwin.cli import main
 from sim.errors import ServetwinError
 from sim.scenario import load_scenario
 from sim.simulate import resolve
-from tests.sim.test_scenario import AZURE_HEAD, SYNTHETIC, malformed_scenarios
+from tests.sim.test_scenario import AZURE_HEAD, SYNTHETIC, fuzz_settings, malformed_scenarios
 
 TRACE_SCENARIO = f"""\
 name: head
@@ -174,9 +174,7 @@ def cli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cli-fuzz")
 
 
-@settings(max_examples=150, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.filter_too_much])
+@fuzz_settings(150)
 @given(case=malformed_scenarios())
 def test_malformed_scenarios_fail_cleanly_through_the_cli(
     cli_dir: Path, case: tuple[bytes, list[str]]

@@ -642,9 +642,14 @@ def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # derandomize: CI sees the same 1,000 cases every run (32,000 random ones passed once
 # the fixes named above were in)
-@settings(max_examples=1000, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.filter_too_much])
+def fuzz_settings(max_examples: int) -> settings:
+    """Derandomized: CI sees the same malformed cases every run."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+@fuzz_settings(1000)
 @given(case=malformed_scenarios())
 def test_malformed_scenarios_end_in_servetwin_errors(
     fuzz_dir: Path, case: tuple[bytes, list[str]]
