@@ -72,6 +72,9 @@ class WorkloadSpec(_Model):
     synthetic: dict[str, Any] | None = None
     time_scale: float = Field(default=1.0, gt=0, le=1e6)
     output_scale: float = Field(default=1.0, gt=0, le=1e4)
+    # prompts and hash blocks times this (1/16: Mooncake's 512-token blocks become 32):
+    # a production trace's prefix structure on a small engine
+    input_scale: float = Field(default=1.0, gt=0, le=1e4)
     start_s: float | None = Field(default=None, ge=0, le=1e12)
     end_s: float | None = Field(default=None, gt=0, le=1e12)
     max_requests: int | None = Field(default=None, ge=1, le=2**63 - 1)

@@ -198,6 +198,9 @@ def load_workload(loaded: LoadedScenario) -> Trace:
         field = "output_scale"
         if w.output_scale != 1.0:
             trace = trace.with_output_scale(w.output_scale)
+        field = "input_scale"
+        if w.input_scale != 1.0:
+            trace = trace.with_input_scale(w.input_scale)
     except TraceError as e:
         raise ScenarioError(loaded.where("workload", field),
                             f"workload.{field} = {getattr(w, field)}: {e.message}",

@@ -167,6 +167,42 @@ class Trace:
             )
         return self._with(output_tokens=scaled.astype(np.int64))
 
+    def with_input_scale(self, factor: float) -> Trace:
+        """Every prompt and the hash block size times `factor`, keeping the prefix structure.
+
+        For replaying a production trace on a small engine (a tiny model with a short
+        context): 1/16 turns Mooncake's 512-token blocks into 32-token blocks and a
+        12k-token prompt into a 750-token one, and two requests still share exactly the
+        blocks they shared. ``hash_block_tokens * factor`` must be a whole number. A prompt
+        is rounded half up, then raised where needed so that its last hash block keeps at
+        least one token (a rounded-down prompt could otherwise hold fewer tokens than its
+        blocks); such raises are counted in the trace's notes."""
+        _need_number("factor", factor, 0, lo_open=True)
+        f = float(factor)
+        block = self.hash_block_tokens
+        new_block = 0
+        if block:
+            new_block = round(block * f)
+            if new_block < 1 or abs(new_block - block * f) > 1e-9 * block:
+                raise _bad("factor", factor,
+                           f"must turn the {block}-token hash blocks into a whole number of "
+                           f"tokens (got {block * f:g})",
+                           f"use a factor k/{block} such as {1 / 16:g} (= {block // 16} tokens)"
+                           if block >= 16 else "use a factor of 1")
+        scaled = np.maximum(1, np.floor(self.input_tokens * f + 0.5)).astype(np.int64)
+        if scaled.max(initial=0) > MAX_TOKENS:
+            raise _bad("factor", factor, f"makes prompts longer than {MAX_TOKENS} tokens",
+                       "use a smaller factor")
+        notes = self.notes
+        if new_block:
+            floor_ = (np.diff(self.hash_offsets) - 1) * new_block + 1
+            raised = int((scaled < floor_).sum())
+            scaled = np.maximum(scaled, floor_)
+            if raised:
+                notes = (*notes, f"input_scale {f:g}: {raised} prompts raised by up to "
+                                 f"{new_block - 1} tokens to keep their last hash block")
+        return self._with(input_tokens=scaled, hash_block_tokens=new_block, notes=notes)
+
     def merged(self, other: Trace, hash_id_shift: int | None = None) -> Trace:
         """Both traces interleaved by arrival (stable: self first on ties). `other`'s hash ids
         are shifted by `hash_id_shift` (default: self's max id + 1, so no block is shared) and

@@ -322,6 +322,27 @@ def test_with_output_scale_rounds_half_up_and_keeps_one() -> None:
         trace.with_output_scale(-1)
 
 
+def test_with_input_scale_keeps_prefix_structure() -> None:
+    # inputs 10, 20, 30 tokens; 16-token blocks -> x0.5 gives 8-token blocks
+    trace = make_trace([0.0] * 3, hashes=[[0], [0, 1], [0, 1]])
+    half = trace.with_input_scale(0.5)
+    assert half.hash_block_tokens == 8
+    assert half.input_tokens.tolist() == [5, 10, 15]
+    assert half.hash_ids.tolist() == trace.hash_ids.tolist()
+    assert not half.notes
+    # x0.125: 2-token blocks; row 1 (20 -> 3 tokens) keeps 2 blocks, row 0 (10 -> 1)
+    small = trace.with_input_scale(0.125)
+    assert small.input_tokens.tolist() == [1, 3, 4]
+    # a 17-token prompt with 2 blocks scaled by 1/16 rounds to 1 token: raised to 2
+    two = Trace.checked(arrival_s=[0.0], input_tokens=[17], output_tokens=[1],
+                        hash_offsets=[0, 2], hash_ids=[0, 1], hash_block_tokens=16)
+    raised = two.with_input_scale(1 / 16)
+    assert raised.input_tokens.tolist() == [2]
+    assert raised.notes and "1 prompts raised" in raised.notes[0]
+    with pytest.raises(TraceError, match="whole number of tokens"):
+        trace.with_input_scale(0.3)
+
+
 def test_merged_shifts_ids_and_sessions_and_is_stable() -> None:
     a = make_trace([0.0, 2.0], hashes=[[0], [1]], sessions=[0, -1])
     b = make_trace([0.0, 1.0], outputs=[7, 8], hashes=[[0], [5]], sessions=[0, 3])
