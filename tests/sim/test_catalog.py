@@ -169,7 +169,7 @@ def test_variant_resolution() -> None:
 
 def test_every_bundled_model_resolves_to_itself() -> None:
     names = bundled_models()
-    assert len(names) == 12
+    assert len(names) == 13  # 12 public models + the verify test model
     for name in names:
         assert resolve_model_name(name) == name
         assert load_model(name).name == name
