@@ -178,3 +178,34 @@ def kv_usage_series(outcome: SimOutcome, interval_s: float = 1.0) -> dict[str, n
                                                                                            bool)
         out[f"worker_{i}"] = np.where(inside, frac[np.maximum(k, 0)] if frac.size else 0.0, 0.0)
     return out
+
+
+def state_series(outcome: SimOutcome, interval_s: float = 0.5) -> dict[str, np.ndarray]:
+    """What an engine's /metrics gauges would show if sampled every ``interval_s``: per
+    worker, the running and waiting counts and the KV usage of the step in progress
+    (all 0 while a worker is idle: an idle vLLM engine has nothing queued). Rows are
+    (time_s, worker_id, metric, value) as flat columns, the shape verify scrapes."""
+    t_end = max((float(e.steps.column("end_s")[-1]) for e in outcome.engines
+                 if e.steps.num_steps), default=0.0)
+    grid = np.arange(0.0, t_end + interval_s, interval_s)
+    times, workers, metrics, values = [], [], [], []
+    for i, e in enumerate(outcome.engines):
+        s = e.steps
+        if not s.num_steps:
+            continue
+        starts, ends = s.column("start_s"), s.column("end_s")
+        k = np.maximum(np.searchsorted(starts, grid, side="right") - 1, 0)
+        inside = (grid >= starts[0]) & (grid < ends[k])
+        for name, col in (("num_requests_running", s.column("num_running").astype(float)),
+                          ("num_requests_waiting", s.column("num_waiting").astype(float)),
+                          ("kv_cache_usage_perc", s.column("kv_used_blocks") / e.pool.num_usable)):
+            v = np.where(inside, col[k], 0.0)
+            times.append(grid)
+            workers.append(np.full(grid.size, i, np.int64))
+            metrics.append(np.full(grid.size, name, dtype=object))
+            values.append(v)
+    if not times:
+        return {"time_s": np.empty(0), "worker_id": np.empty(0, np.int64),
+                "metric": np.empty(0, object), "value": np.empty(0)}
+    return {"time_s": np.concatenate(times), "worker_id": np.concatenate(workers),
+            "metric": np.concatenate(metrics), "value": np.concatenate(values)}
