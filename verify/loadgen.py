@@ -1,0 +1,721 @@
+"""The load generator: replay a plan of requests against OpenAI-compatible endpoints.
+
+asyncio + aiohttp, one process. Open loop by default: every request has an absolute
+send time (trace arrival x scale) and the dispatcher sleeps to it, so a slow server
+cannot slow the arrivals (the relative-sleep drift of vllm-project/vllm#21104). Closed
+loop on request: N users, each sending its next request when the previous one ends.
+
+Each request is a streaming ``POST /v1/completions`` with the prompt as token ids of the
+exact length and ``max_tokens = min_tokens`` with ``ignore_eos``, so the engine does the
+work the trace says (reference/loadgen_and_engines.md A.6). One record per request is
+appended to ``records.jsonl`` the moment it ends (verify/records.py); a failed request
+(HTTP error, reset, stall, malformed stream, usage mismatch) is a record with a reason,
+and the replay goes on.
+
+Errors and what a record says (``error``, its kind before the first colon):
+
+    connect: ...                        refused, unreachable, connect timeout
+    HTTP 503: <body head>               any status but 200 (429, 4xx, 5xx)
+    connection reset: after N events    the stream broke (reset, server killed)
+    timeout: no event for X s           no bytes for ``stall_timeout_s`` (headers included)
+    malformed SSE: event N: <line>      a line that is not SSE, or data that is not JSON
+    incomplete stream: ...              the body ended without ``data: [DONE]``
+    server error event: ...             an ``{"error": ...}`` event in the stream
+    usage mismatch: ...                 usage disagrees with the plan; timings kept
+    cancelled                           the replay was cancelled (Ctrl-C) mid-request
+
+Hot path. Against the twin server on loopback one client process keeps 2,000 req/s and
+100,000 streamed tokens/s at p99 schedule lag under 2 ms (benchmarks/loadgen_capacity.py),
+so the work per socket read is one clock read (events of one read share its time) and a
+few substring scans of the bytes: a read that holds only compact token events (plus the
+final usage chunk and [DONE]) is counted without a Python step per event; anything else
+is parsed event by event (``json.loads``). Stalls are found by a watchdog task looking at
+each stream's last read, not by aiohttp's per-read timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from yarl import URL
+
+from sim.errors import InputError
+from sim.request import Request
+from sim.router import make_router
+from sim.workload import Trace
+
+from .prompts import FixedPrompt, HashIds, Prompt, PromptBuilder
+from .records import META_FILE, RECORD_KEYS, RECORDS_FILE, RecordWriter, write_meta
+
+SUMMARY_FILE = "replay_summary.json"
+# the dispatcher sleeps to SPIN_S before a deadline, then yields to the loop until it:
+# the selector's timeout has millisecond granularity (rounded up)
+SPIN_S = 0.001
+START_DELAY_S = 0.01
+RESERVED_BODY_KEYS = ("prompt", "max_tokens", "min_tokens")
+_STALLED = "servetwin: stalled stream"  # the watchdog's cancel message
+
+ProgressFn = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRequest:
+    """One request of a plan. ``prompt``: a ``Prompt`` (built when sent) or token ids."""
+
+    request_id: int
+    intended_s: float  # seconds from t0; ignored in closed loop
+    prompt: Prompt
+    max_tokens: int  # = min_tokens: the exact output length asked for
+    hash_ids: HashIds = ()  # the trace's prefix ids, for routers that look at them
+
+    def __post_init__(self) -> None:
+        if not hasattr(self.prompt, "json_items"):
+            object.__setattr__(self, "prompt", FixedPrompt(self.prompt))  # type: ignore[arg-type]
+        if self.max_tokens < 1:
+            raise InputError(f"request {self.request_id}", f"max_tokens = {self.max_tokens}: "
+                             "must be >= 1", "plan at least one output token")
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+
+@dataclass
+class ReplaySummary:
+    num_planned: int
+    num_sent: int
+    num_ok: int
+    num_error: int
+    errors_by_kind: dict[str, int]
+    schedule_lag_s: dict[str, float]  # send_s - intended_s: p50, p90, p99, max
+    duration_s: float  # t0 to the last finish
+    num_tokens_streamed: int  # token events received, failed requests included
+    records_path: Path
+    cancelled: bool = False
+    exporter_url: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["records_path"] = str(self.records_path)
+        d["schedule_lag_s"] = {k: (v if v == v else None)  # NaN (nothing sent): null
+                               for k, v in self.schedule_lag_s.items()}
+        return d
+
+    def format(self) -> str:
+        lag = {k: (v * 1e3 if v == v else float("nan")) for k, v in self.schedule_lag_s.items()}
+        rate = self.num_ok / self.duration_s if self.duration_s > 0 else 0.0
+        lines = [
+            f"replay: {self.num_ok:,} ok, {self.num_error:,} errors of {self.num_sent:,} sent "
+            f"({self.num_planned:,} planned){' - CANCELLED' if self.cancelled else ''}",
+            f"  {self.duration_s:.2f} s, {rate:,.1f} ok req/s, "
+            f"{self.num_tokens_streamed:,} tokens streamed",
+            f"  schedule lag p50 {lag['p50']:.3f} ms, p99 {lag['p99']:.3f} ms, "
+            f"max {lag['max']:.3f} ms",
+        ]
+        lines += [f"  error {kind}: {n:,}" for kind, n in sorted(self.errors_by_kind.items())]
+        lines.append(f"  records: {self.records_path}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plans
+def plan_from_trace(trace: Trace, prompt_builder: PromptBuilder,
+                    scale: float = 1.0) -> list[PlannedRequest]:
+    """One planned request per trace row; send times are arrivals x ``scale``."""
+    if not scale > 0:
+        raise InputError("plan", f"scale = {scale}: must be > 0", "give a positive factor")
+    if trace.hash_ids.size and trace.hash_block_tokens != prompt_builder.block_tokens:
+        raise InputError(trace.source, f"hash blocks of {trace.hash_block_tokens} tokens but "
+                         f"the prompt builder makes blocks of {prompt_builder.block_tokens}",
+                         "build the PromptBuilder with block_tokens = trace.hash_block_tokens")
+    off = trace.hash_offsets
+    ids = trace.hash_ids
+    arrival = trace.arrival_s * scale
+    out = []
+    for i in range(len(trace)):
+        h = ids[off[i]:off[i + 1]]
+        n_in = int(trace.input_tokens[i])
+        out.append(PlannedRequest(i, float(arrival[i]), prompt_builder.prompt(i, h, n_in),
+                                  int(trace.output_tokens[i]), h))
+    return out
+
+
+def trace_meta(trace: Trace, prompt_builder: PromptBuilder, scale: float) -> dict[str, Any]:
+    """The meta.json entries that say where a trace plan came from."""
+    return {"trace_source": trace.source, "schedule_scale": scale,
+            "seed": prompt_builder.seed, "prompt_block_tokens": prompt_builder.block_tokens,
+            "vocab": [prompt_builder.vocab_low, prompt_builder.vocab_high]}
+
+
+# ------------------------------------------------------------------------ streams
+class _Malformed(Exception):
+    pass
+
+
+IGNORE, TOKEN, OTHER, DONE = 0, 1, 2, 3
+
+
+class _SlowState:
+    """What a stream's events said beyond their count."""
+
+    __slots__ = ("done", "error", "last_s", "last_token", "reason", "usage")
+
+    def __init__(self, now_s: float) -> None:
+        self.last_s = now_s  # when the request was sent or its last bytes came
+        self.done = False
+        self.error: str | None = None
+        self.last_token = b""  # the last compact token event, parsed once at the end
+        self.reason: str | None = None
+        self.usage: Any = None
+
+
+def _slow_events(events: list[bytes], seen: int, st: _SlowState) -> int:
+    """Events one at a time (a chunk that is not only compact token events); the number
+    of token events up to [DONE] or a malformed event (then ``st.error``)."""
+    k = 0
+    for i, ev in enumerate(events):
+        if (ev.startswith(b'data: {"') and ev.endswith(b"}") and b'"choices":[{' in ev
+                and b'"usage":{' not in ev and b"\n" not in ev):
+            k += 1
+            st.last_token = ev
+            continue
+        try:
+            kind, obj = _parse_event(ev)
+        except _Malformed as e:
+            st.error = (f"malformed SSE: event {seen + i + 1}: "
+                        f"{_short(repr(e.args[0]), 120)}")
+            return k
+        if kind == TOKEN:
+            k += 1
+            st.last_token = b""
+        if obj is not None:
+            st.reason = _finish_reason(obj) or st.reason
+            if obj.get("usage"):
+                st.usage = obj["usage"]
+            if "error" in obj and kind != TOKEN:
+                st.error = f"server error event: {_short(json.dumps(obj))}"
+                return k
+        if kind == DONE:
+            st.done = True
+            return k
+    return k
+
+
+def _parse_event(ev: bytes) -> tuple[int, Any]:
+    """One SSE event parsed properly (field lines, JSON payload)."""
+    data_lines = []
+    for line in ev.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue  # a comment (keep-alive)
+        name, sep, value = line.partition(b":")
+        if not sep:
+            raise _Malformed(line)
+        if name == b"data":
+            data_lines.append(value[1:] if value.startswith(b" ") else value)
+        elif name not in (b"event", b"id", b"retry"):
+            raise _Malformed(line)
+    if not data_lines:
+        return IGNORE, None
+    data = b"\n".join(data_lines)
+    if data.strip() == b"[DONE]":
+        return DONE, None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise _Malformed(data) from None
+    if not isinstance(obj, dict):
+        raise _Malformed(data)
+    choices = obj.get("choices")
+    if not choices:
+        return OTHER, obj
+    # llama-server ends with an empty-text chunk carrying finish_reason and usage: not a
+    # token. vLLM streams empty-text chunks for real tokens (EOS), but never with usage
+    # unless continuous usage stats are asked for (we do not).
+    if obj.get("usage") and all(not (c or {}).get("text") for c in choices):
+        return OTHER, obj
+    return TOKEN, obj
+
+
+def _finish_reason(obj: Mapping[str, Any]) -> str | None:
+    for c in obj.get("choices") or ():
+        if isinstance(c, dict) and c.get("finish_reason"):
+            return str(c["finish_reason"])
+    return None
+
+
+def _short(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "..."
+
+
+class EndpointState:
+    """What a router may look at for one endpoint (sim routers read ``engines[i]``)."""
+
+    __slots__ = ("num_outstanding", "num_sent", "url", "worker_id")
+
+    def __init__(self, worker_id: int, url: str) -> None:
+        self.worker_id = worker_id
+        self.url = url
+        self.num_outstanding = 0
+        self.num_sent = 0
+
+
+def completions_url(endpoint: str) -> str:
+    e = endpoint.rstrip("/")
+    return e if e.endswith("/completions") else e + "/v1/completions"
+
+
+# ------------------------------------------------------------------------- metrics
+class _Exporter:
+    """The load generator's own Prometheus metrics, served from the replay's loop."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        p = "servetwin_loadgen_"
+        self.requests = Counter(p + "requests", "Requests finished", ["status"],
+                                registry=self.registry)
+        self.inflight = Gauge(p + "inflight", "Requests in flight", registry=self.registry)
+        self.tokens = Counter(p + "tokens", "Token events streamed", registry=self.registry)
+        buckets = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+        self.lag = Histogram(p + "schedule_lag_seconds", "send_s - intended_s",
+                             buckets=buckets, registry=self.registry)
+        self.ttft = Histogram(p + "ttft_seconds", "first token - send",
+                              buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                                       2.5, 5.0, 10.0, 30.0, 60.0), registry=self.registry)
+        self._runner: Any = None
+        self.url = ""
+
+    async def start(self, port: int, host: str = "127.0.0.1") -> str:
+        from aiohttp import web
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(self.registry),
+                                headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.url = f"http://{host}:{sock.getsockname()[1]}/metrics"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+# -------------------------------------------------------------------------- replay
+class Replay:
+    """One replay. ``await run()``; after it returns or is cancelled ``summary`` holds
+    the outcome (``run_replay`` uses that to report a Ctrl-C'd replay)."""
+
+    def __init__(self, plan: Sequence[PlannedRequest], endpoints: Sequence[str], model: str,
+                 out_dir: str | Path, *, router: str = "round_robin",
+                 router_params: Mapping[str, Any] | None = None,
+                 closed_loop_concurrency: int | None = None, force_close: bool = False,
+                 stall_timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
+                 extra_body: Mapping[str, Any] | None = None,
+                 progress: ProgressFn | None = None, exporter_port: int | None = None,
+                 meta: Mapping[str, Any] | None = None) -> None:
+        if not endpoints:
+            raise InputError("replay", "no endpoint given", "give at least one base URL")
+        if closed_loop_concurrency is not None and closed_loop_concurrency < 1:
+            raise InputError("replay", f"closed_loop_concurrency = {closed_loop_concurrency}: "
+                             "must be >= 1", "give a positive number of users")
+        if not stall_timeout_s > 0:
+            raise InputError("replay", f"stall_timeout_s = {stall_timeout_s}: must be > 0",
+                             "give a positive timeout")
+        bad = sorted(set(extra_body or {}) & set(RESERVED_BODY_KEYS))
+        if bad:
+            raise InputError("replay", f"extra_body sets {', '.join(bad)}",
+                             "the plan decides prompt, max_tokens and min_tokens")
+        self.plan = sorted(plan, key=lambda p: p.intended_s)
+        self.endpoints = [EndpointState(i, e) for i, e in enumerate(endpoints)]
+        self._urls = [URL(completions_url(e)) for e in endpoints]
+        self.model = model
+        self.out_dir = Path(out_dir)
+        self.router = make_router(router, dict(router_params or {}), len(endpoints),
+                                  np.random.default_rng(0))
+        self.router_kind = router
+        self.closed_loop_concurrency = closed_loop_concurrency
+        self.force_close = force_close
+        self.stall_timeout_s = float(stall_timeout_s)
+        self.connect_timeout_s = float(connect_timeout_s)
+        fixed = {"model": model, "ignore_eos": True, "stream": True,
+                 "stream_options": {"include_usage": True}, "temperature": 0}
+        fixed.update(extra_body or {})
+        fixed = {k: v for k, v in fixed.items() if v is not None}  # None drops a field
+        self._body_tail = json.dumps(fixed, separators=(",", ":"))[1:]  # '"model":...}'
+        self.progress = progress
+        self.exporter_port = exporter_port
+        self.meta = dict(meta or {})
+        self.summary: ReplaySummary | None = None
+        self.t0 = 0.0
+        self._writer: RecordWriter | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._exporter: _Exporter | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._live: dict[asyncio.Task[Any], _SlowState] = {}  # requests in flight
+        self._lags: list[float] = []
+        self._errors: Counter[str] = Counter()
+        self._num_ok = 0
+        self._num_done = 0
+        self._num_tokens = 0
+        self._last_finish = 0.0
+
+    # ------------------------------------------------------------------- run
+    async def run(self) -> ReplaySummary:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        records_path = self.out_dir / RECORDS_FILE
+        if records_path.exists():
+            raise InputError(str(records_path), "a replay already wrote records here",
+                             "choose a new output folder")
+        cancelled = False
+        self._writer = RecordWriter(records_path)
+        connector = aiohttp.TCPConnector(limit=0, force_close=self.force_close)
+        # no sock_read timeout: aiohttp would re-arm a timer on every socket read; the
+        # stall watchdog looks at each stream's last read instead
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
+        try:
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                                  read_bufsize=4 << 20)
+            if self.exporter_port is not None:
+                self._exporter = _Exporter()
+                await self._exporter.start(self.exporter_port)
+            self.t0 = time.perf_counter() + START_DELAY_S
+            wall0 = time.time() + (self.t0 - time.perf_counter())
+            write_meta(self.out_dir / META_FILE, self._meta(wall0))
+            watchdog = asyncio.get_running_loop().create_task(self._watch_stalls())
+            try:
+                if self.closed_loop_concurrency is None:
+                    await self._open_loop()
+                else:
+                    await self._closed_loop(self.closed_loop_concurrency)
+                while self._tasks:
+                    await asyncio.wait(set(self._tasks))
+            except asyncio.CancelledError:
+                cancelled = True
+                for t in self._tasks:
+                    t.cancel()
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+                raise
+            finally:
+                watchdog.cancel()
+        finally:
+            if self._session is not None:
+                await self._session.close()
+            if self._exporter is not None:
+                await self._exporter.stop()
+            self._writer.close()
+            self.summary = self._summarize(records_path, cancelled)
+            write_meta(self.out_dir / SUMMARY_FILE, self.summary.to_dict())
+        return self.summary
+
+    def _meta(self, wall0: float) -> dict[str, Any]:
+        return {
+            "t0_unix_s": wall0,
+            "t0_iso": datetime.fromtimestamp(wall0, UTC).isoformat(),
+            "clock": "time.perf_counter, seconds from t0",
+            "endpoints": [e.url for e in self.endpoints],
+            "model": self.model,
+            "num_planned": len(self.plan),
+            "mode": ("open loop" if self.closed_loop_concurrency is None
+                     else f"closed loop, {self.closed_loop_concurrency} users"),
+            "router": self.router_kind,
+            "stall_timeout_s": self.stall_timeout_s,
+            "force_close": self.force_close,
+            "body_fields": json.loads("{" + self._body_tail),
+            "client": f"python {platform.python_version()}, aiohttp {aiohttp.__version__}",
+            "record_keys": list(RECORD_KEYS),
+            **self.meta,
+        }
+
+    def _summarize(self, records_path: Path, cancelled: bool) -> ReplaySummary:
+        lags = np.asarray(self._lags, dtype=np.float64)
+        if lags.size:
+            p50, p90, p99 = (float(x) for x in np.percentile(lags, (50, 90, 99)))
+            lag = {"p50": p50, "p90": p90, "p99": p99, "max": float(lags.max())}
+        else:
+            lag = {k: float("nan") for k in ("p50", "p90", "p99", "max")}
+        return ReplaySummary(
+            num_planned=len(self.plan), num_sent=len(self._lags), num_ok=self._num_ok,
+            num_error=self._num_done - self._num_ok, errors_by_kind=dict(self._errors),
+            schedule_lag_s=lag, duration_s=max(self._last_finish, 0.0),
+            num_tokens_streamed=self._num_tokens, records_path=records_path,
+            cancelled=cancelled,
+            exporter_url=self._exporter.url if self._exporter is not None else None)
+
+    async def _watch_stalls(self) -> None:
+        """Cancel a request that got no bytes for ``stall_timeout_s`` (it is recorded as
+        a timeout). Checked every tenth of the timeout (at most every second)."""
+        limit = self.stall_timeout_s
+        every = min(limit / 10, 1.0)
+        pc = time.perf_counter
+        while True:
+            await asyncio.sleep(every)
+            now = pc() - self.t0
+            for task, st in list(self._live.items()):
+                if now - st.last_s >= limit and not task.done():
+                    task.cancel(_STALLED)
+
+    # -------------------------------------------------------------- schedules
+    async def _open_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        pc = time.perf_counter
+        sleep = asyncio.sleep
+        t0 = self.t0
+        for p in self.plan:
+            body = self._body(p)
+            deadline = t0 + p.intended_s
+            while True:  # sleep to the absolute deadline, then yield until it
+                left = deadline - pc()
+                if left <= 0:
+                    break
+                await sleep(left - SPIN_S if left > SPIN_S else 0)
+            self._spawn(loop, p, body, p.intended_s)
+
+    async def _closed_loop(self, users: int) -> None:
+        it = iter(self.plan)
+
+        async def user() -> None:
+            for p in it:  # one shared iterator: each user takes the next request
+                task = self._spawn(asyncio.get_running_loop(), p, self._body(p),
+                                   time.perf_counter() - self.t0)
+                await asyncio.wait([task])
+
+        await asyncio.gather(*(user() for _ in range(users)))
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, p: PlannedRequest, body: bytes,
+               intended_s: float) -> asyncio.Task[None]:
+        req = Request(p.request_id, intended_s, p.num_prompt_tokens, p.max_tokens,
+                      p.hash_ids)  # type: ignore[arg-type]
+        w = self.router.choose(req, self.endpoints)
+        ep = self.endpoints[w]
+        ep.num_outstanding += 1
+        ep.num_sent += 1
+        if self._exporter is not None:
+            self._exporter.inflight.inc()
+        task = loop.create_task(self._one(p, body, w, intended_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _body(self, p: PlannedRequest) -> bytes:
+        n = p.max_tokens
+        return (f'{{"prompt":[{p.prompt.json_items()}],"max_tokens":{n},"min_tokens":{n},'
+                + self._body_tail).encode()
+
+    # ---------------------------------------------------------------- request
+    async def _one(self, p: PlannedRequest, body: bytes, w: int, intended_s: float) -> None:
+        pc = time.perf_counter
+        t0 = self.t0
+        times: list[float] = []
+        n = 0  # token events
+        seen = 0  # SSE events of any kind
+        status: int | None = None
+        error: str | None = None
+        assert self._session is not None
+        send = pc() - t0
+        t = send
+        st = _SlowState(send)
+        task = asyncio.current_task()
+        assert task is not None
+        self._live[task] = st
+        try:
+            headers = {"Content-Type": "application/json", "x-request-id": str(p.request_id)}
+            async with self._session.post(self._urls[w], data=body, headers=headers) as resp:
+                status = resp.status
+                if status != 200:
+                    head = await resp.content.read(400)
+                    t = pc() - t0
+                    error = f"HTTP {status}: {_short(head.decode('utf-8', 'replace'))}"
+                else:
+                    content = resp.content
+                    rem = b""
+                    while True:
+                        chunk = await content.readany()
+                        st.last_s = t = pc() - t0
+                        if not chunk:
+                            error = f"incomplete stream: ended without [DONE] after {n} events"
+                            break
+                        if rem:
+                            chunk = rem + chunk
+                        if b"\r" in chunk:
+                            chunk = chunk.replace(b"\r\n", b"\n")
+                        end = chunk.rfind(b"\n\n") + 2
+                        if end == 1:  # no complete event yet
+                            rem = chunk
+                            continue
+                        rem = chunk[end:]
+                        # the usual chunk: compact token events, at the end perhaps the
+                        # usage chunk and [DONE]; the token part is checked with a few scans
+                        # of the bytes instead of a Python step per event
+                        cut = end
+                        tail = chunk.find(b'"choices":[]', 0, end)
+                        if tail < 0:
+                            tail = chunk.find(b"data: [DONE]", 0, end)
+                        if tail >= 0:
+                            cut = chunk.rfind(b"\n\n", 0, tail)
+                            cut = cut + 2 if cut >= 0 else 0
+                        # m events that each start 'data: {"', end '}', hold no other
+                        # newline, carry choices and no usage
+                        m = chunk.count(b'}\n\ndata: {"', 0, cut) + 1
+                        if (cut > 2 and chunk.startswith(b'data: {"')
+                                and chunk.endswith(b"}\n\n", 0, cut)
+                                and chunk.count(b"\n", 0, cut) == 2 * m
+                                and chunk.count(b'"choices":[{', 0, cut) == m
+                                and chunk.find(b'"usage":{', 0, cut) < 0):
+                            k = m
+                            st.last_token = chunk[chunk.rfind(b"\n\n", 0, cut - 2) + 2:cut - 2]
+                        else:
+                            k = m = 0
+                            cut = 0
+                        if cut < end:
+                            k += _slow_events(chunk[cut:end - 2].split(b"\n\n"), seen + m, st)
+                            m = chunk.count(b"\n\n", 0, end)
+                        seen += m
+                        if k:
+                            times += [t] * k
+                            n += k
+                        if st.error:
+                            error = st.error
+                            break
+                        if st.done:
+                            break
+        except asyncio.CancelledError as e:
+            t = pc() - t0
+            if e.args != (_STALLED,):
+                del self._live[task]
+                self._record(p, w, intended_s, send, t, times, n, status, st, "cancelled")
+                raise
+            task.uncancel()
+            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {n} events)"
+        except aiohttp.ConnectionTimeoutError:
+            t = pc() - t0
+            error = f"connect: timeout after {self.connect_timeout_s:g} s"
+        except aiohttp.ClientConnectorError as e:
+            t = pc() - t0
+            error = f"connect: {_short(str(e))}"
+        except TimeoutError:
+            t = pc() - t0
+            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {n} events)"
+        except aiohttp.ServerDisconnectedError:
+            t = pc() - t0
+            error = f"connection reset: server disconnected after {n} events"
+        except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as e:
+            t = pc() - t0
+            error = f"connection reset: after {n} events ({_short(str(e), 80)})"
+        except Exception as e:  # a record for every request sent, whatever went wrong
+            t = pc() - t0
+            error = f"client error: {type(e).__name__}: {_short(str(e))}"
+        del self._live[task]
+        if st.last_token and st.reason is None:
+            if b'"finish_reason":"length"' in st.last_token:
+                st.reason = "length"
+            else:
+                try:
+                    st.reason = _finish_reason(json.loads(st.last_token[6:]))
+                except ValueError:
+                    error = error or f"malformed SSE: {_short(repr(st.last_token))}"
+        if error is None and isinstance(st.usage, dict):
+            error = _usage_problem(st.usage, p)
+        self._record(p, w, intended_s, send, t, times, n, status, st, error)
+
+    def _record(self, p: PlannedRequest, w: int, intended_s: float, send: float, finish: float,
+                times: list[float], n: int, status: int | None, st: _SlowState,
+                error: str | None) -> None:
+        ep = self.endpoints[w]
+        ep.num_outstanding -= 1
+        u = st.usage if isinstance(st.usage, dict) else {}
+        details = u.get("prompt_tokens_details") or {}
+        rec = {
+            "request_id": p.request_id, "endpoint": ep.url, "worker_id": w,
+            "intended_s": intended_s, "send_s": send,
+            "first_token_s": times[0] if times else None, "finish_s": finish,
+            "event_times_s": times, "num_events": n,
+            "expected_prompt_tokens": p.num_prompt_tokens,
+            "expected_output_tokens": p.max_tokens,
+            "num_prompt_tokens": u.get("prompt_tokens"),
+            "num_output_tokens": u.get("completion_tokens"),
+            "num_cached_tokens": (details.get("cached_tokens")
+                                  if isinstance(details, dict) else None),
+            "finish_reason": st.reason, "http_status": status,
+            "status": "error" if error else "ok", "error": error,
+        }
+        assert self._writer is not None
+        self._writer.write(rec)
+        self._lags.append(send - intended_s)
+        self._num_done += 1
+        self._num_tokens += n
+        if finish > self._last_finish:
+            self._last_finish = finish
+        if error:
+            self._errors[error.split(":", 1)[0]] += 1
+        else:
+            self._num_ok += 1
+        ex = self._exporter
+        if ex is not None:
+            ex.requests.labels("error" if error else "ok").inc()
+            ex.tokens.inc(n)
+            ex.lag.observe(send - intended_s)
+            if times:
+                ex.ttft.observe(times[0] - send)
+            ex.inflight.dec()
+        if self.progress is not None:
+            self.progress(self._num_done, len(self.plan), self._num_done - self._num_ok)
+
+
+def _usage_problem(usage: Mapping[str, Any], p: PlannedRequest) -> str | None:
+    got = usage.get("completion_tokens")
+    if got is not None and got != p.max_tokens:
+        return f"usage mismatch: completion_tokens {got} != {p.max_tokens} expected"
+    got = usage.get("prompt_tokens")
+    if got is not None and got != p.num_prompt_tokens:
+        return f"usage mismatch: prompt_tokens {got} != {p.num_prompt_tokens} expected"
+    return None
+
+
+async def replay(plan: Sequence[PlannedRequest], endpoints: Sequence[str], model: str,
+                 out_dir: str | Path, *, router: str = "round_robin",
+                 closed_loop_concurrency: int | None = None, force_close: bool = False,
+                 stall_timeout_s: float = 60.0, extra_body: Mapping[str, Any] | None = None,
+                 progress: ProgressFn | None = None, exporter_port: int | None = None,
+                 **options: Any) -> ReplaySummary:
+    """Replay ``plan`` against ``endpoints`` (base URLs); records go to
+    ``out_dir/records.jsonl``. ``options``: router_params, connect_timeout_s, meta
+    (extra meta.json entries, e.g. ``trace_meta(...)``)."""
+    r = Replay(plan, endpoints, model, out_dir, router=router,
+               closed_loop_concurrency=closed_loop_concurrency, force_close=force_close,
+               stall_timeout_s=stall_timeout_s, extra_body=extra_body, progress=progress,
+               exporter_port=exporter_port, **options)
+    return await r.run()
+
+
+def run_replay(plan: Sequence[PlannedRequest], endpoints: Sequence[str], model: str,
+               out_dir: str | Path, **kwargs: Any) -> ReplaySummary:
+    """``replay`` in its own event loop (asyncio's own: uvloop measured no faster here,
+    benchmarks/loadgen_capacity.py). On Ctrl-C the in-flight requests are recorded as
+    cancelled and the summary says ``cancelled``."""
+    r = Replay(plan, endpoints, model, out_dir, **kwargs)
+    try:
+        return asyncio.run(r.run())
+    except KeyboardInterrupt:
+        if r.summary is None:
+            raise
+        return r.summary
