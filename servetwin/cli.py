@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .screen_cmd import add_parser as add_screen
 
     add_screen(sub)
+    from .twin_cmd import add_parser as add_twin_serve
+
+    add_twin_serve(sub)
+    from .verify_cmd import add_parser as add_verify
+
+    add_verify(sub)
     return p
 
 

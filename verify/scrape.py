@@ -25,8 +25,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# canonical name -> the sample name per engine (summed over label sets)
-CANONICAL: dict[str, dict[str, str]] = {
+# canonical name -> the sample name(s) per engine (summed over label sets and names)
+CANONICAL: dict[str, dict[str, str | tuple[str, ...]]] = {
     "vllm": {
         "prompt_tokens": "vllm:prompt_tokens_total",
         "generation_tokens": "vllm:generation_tokens_total",
@@ -50,7 +50,12 @@ CANONICAL: dict[str, dict[str, str]] = {
         "kv_cache_usage_perc": "sglang:token_usage",
     },
     "llamacpp": {
-        "prompt_tokens": "llamacpp:prompt_tokens_total",
+        # llama.cpp counts evaluated prompt tokens and slot-cache hits apart: a request's
+        # prompt is their sum (measured: 200 + 2 evaluated, 200 cached, usage 200 and 202)
+        "prompt_tokens": ("llamacpp:prompt_tokens_total", "llamacpp:prompt_tokens_cached_total"),
+        "prefix_cache_queries": ("llamacpp:prompt_tokens_total",
+                                 "llamacpp:prompt_tokens_cached_total"),
+        "prefix_cache_hits": "llamacpp:prompt_tokens_cached_total",
         "generation_tokens": "llamacpp:tokens_predicted_total",
         "num_steps": "llamacpp:n_decode_total",
         "num_requests_running": "llamacpp:requests_processing",
@@ -77,10 +82,10 @@ class Snapshot:
 
     def canonical(self, engine: str) -> dict[str, float]:
         out = {}
-        for canon, name in CANONICAL.get(engine, {}).items():
-            v = self.total(name)
-            if v is not None:
-                out[canon] = v
+        for canon, names in CANONICAL.get(engine, {}).items():
+            values = [self.total(n) for n in ((names,) if isinstance(names, str) else names)]
+            if all(v is not None for v in values):
+                out[canon] = float(sum(v for v in values if v is not None))
         return out
 
 

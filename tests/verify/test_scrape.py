@@ -93,3 +93,12 @@ def test_scraper_records_errors_instead_of_dying(tmp_path: Path) -> None:
     time.sleep(0.2)
     s.stop()
     assert s.num_samples == 0 and s.errors and "127.0.0.1:9" in s.errors[0]
+
+
+def test_llamacpp_prompt_tokens_add_evaluated_and_cached() -> None:
+    # measured on llama-server: a 200-token prompt, then the same plus 2 tokens
+    snap = parse("llamacpp:prompt_tokens_total 202\nllamacpp:prompt_tokens_cached_total 200\n"
+                 "llamacpp:tokens_predicted_total 6\nllamacpp:requests_processing 0\n")
+    c = snap.canonical("llamacpp")
+    assert c["prompt_tokens"] == 402 and c["prefix_cache_hits"] == 200
+    assert c["prefix_cache_queries"] == 402 and c["generation_tokens"] == 6

@@ -1,0 +1,114 @@
+"""`servetwin verify`: deploy a shortlist on real engines, replay, compare with the twin."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    v = sub.add_parser(
+        "verify", help="deploy shortlisted configs on a real engine, replay the same trace, "
+        "and compare measured with predicted")
+    v.add_argument("shortlist", help="shortlist.yaml from `servetwin screen`, a list of "
+                   "scenarios, or one scenario")
+    v.add_argument("--engine", choices=("vllm", "sglang", "llamacpp"), default="vllm")
+    v.add_argument("--model-path", default="",
+                   help="weights the engine serves (HF folder for vllm/sglang, .gguf for "
+                   "llamacpp); not needed with --endpoints")
+    v.add_argument("--served-model-name", default="servetwin")
+    v.add_argument("--endpoints", nargs="+", default=[], metavar="URL",
+                   help="attach to engines that already run instead of deploying")
+    v.add_argument("--trace", default=None,
+                   help="replay this trace instead of each config's workload.trace")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of every config, e.g. --set workload.max_requests=100")
+    v.add_argument("--engine-python", default=sys.executable,
+                   help="python with vllm / sglang installed (default: this one)")
+    v.add_argument("--llama-server", default="llama-server", help="llama-server binary")
+    v.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for every engine launch (repeat)")
+    v.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra environment variable for the engine (repeat)")
+    v.add_argument("--port", type=int, default=8100, help="first port (one per worker)")
+    v.add_argument("--ready-timeout", type=float, default=600.0, metavar="S")
+    v.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
+                   help="a stream with no event for this long is recorded as an error")
+    v.add_argument("--scrape-interval", type=float, default=0.5, metavar="S")
+    v.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="warm-up requests per endpoint before each replay")
+    v.add_argument("--seed", type=int, default=0, help="seed of the prompts' token content")
+    v.add_argument("--out", default=None, help="output folder (default reports/verify-<time>)")
+    v.add_argument("--force", action="store_true",
+                   help="measure configs again even if their folder says done")
+    v.set_defaults(func=cmd_verify)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from sim.errors import InputError
+    from verify.engines import EngineInstall
+    from verify.run import VerifyOptions, verify
+
+    from .cli import _run_dir
+
+    env = {}
+    for kv in args.engine_env:
+        k, sep, val = kv.partition("=")
+        if not sep or not k:
+            raise InputError("--engine-env", f"{kv!r} is not KEY=VALUE", "write e.g. "
+                             "--engine-env VLLM_CPU_KVCACHE_SPACE=1")
+        env[k] = val
+    overrides = list(args.set)
+    if args.trace:
+        overrides.append(f"workload.trace={Path(args.trace).resolve()}")
+    if not args.endpoints and not args.model_path:
+        raise InputError("--model-path", "missing", "give the weights the engine should "
+                         "serve, or --endpoints of engines that already run")
+    opts = VerifyOptions(
+        engine=args.engine, model_path=args.model_path, served_model_name=args.served_model_name,
+        endpoints=args.endpoints,
+        install=EngineInstall(python=args.engine_python, llama_server=args.llama_server,
+                              env=env, extra_args=tuple(args.engine_arg)),
+        base_port=args.port, ready_timeout_s=args.ready_timeout,
+        stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
+        warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force)
+    out = _run_dir(Path("reports"), "verify", args.out)
+    result = verify(Path(args.shortlist), out, opts)
+    print(format_comparison(result.comparison))
+    for name, path in result.report.items():
+        print(f"  wrote {name}: {path}")
+    return 0
+
+
+def format_comparison(comparison: Any) -> str:
+    """Predicted / measured / error of the headline figures, config by config."""
+    t = comparison.table()
+    shown = [("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "p90"),
+             ("e2e_s", "p50"), ("output_throughput_tokens_per_s", "value"),
+             ("prefix_cache_hit_rate", "value")]
+    lines = []
+    for cid, g in t.groupby("config_id", sort=False):
+        lines.append(f"\n{cid}  ({g['label'].iloc[0]}; {int(g['num_compared'].iloc[0])} "
+                     f"requests compared, {int(g['num_excluded'].iloc[0])} excluded)")
+        lines.append(f"  {'figure':<28}{'predicted':>12}{'measured':>12}{'error':>9}")
+        for metric, stat in shown:
+            row = g[(g.metric == metric) & (g.stat == stat)]
+            if row.empty:
+                continue
+            r = row.iloc[0]
+            ms = metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s")
+            name = f"{metric.removesuffix('_s')} {stat} (ms)" if ms else metric
+            scale = 1e3 if ms else 1.0
+            err = "" if r.rel_error != r.rel_error else f"{100 * r.rel_error:+.0f} %"
+            lines.append(f"  {name:<28}{r.predicted * scale:>12,.3f}{r.measured * scale:>12,.3f}"
+                         f"{err:>9}")
+    for ra in comparison.ranks:
+        if ra.metric in ("ttft_s", "output_throughput_tokens_per_s") and ra.stat in ("p90",
+                                                                                   "value"):
+            lines.append(f"\nrank {ra.metric} {ra.stat}: predicted best {ra.predicted_best}, "
+                         f"measured best {ra.measured_best}"
+                         + (f", Spearman {ra.spearman_rho:.2f}" if ra.spearman_rho ==
+                            ra.spearman_rho else f" ({ra.reason})"))
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""The verify stage end to end against REAL engines on this machine's CPU.
+
+vLLM 0.32.0's own OpenAI server (CPU build) serving the tiny random-weight Llama, and
+llama.cpp's llama-server serving the same shape as GGUF, both built by verify.testbed
+(cached per machine; the first run on a fresh machine builds them, ~7 min). Each test
+deploys the engine as a real process, replays a slice of the real Mooncake trace scaled to
+the tiny engine, scrapes /metrics, simulates the same replay and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from sim.scenario import Scenario
+from verify import testbed
+from verify.deploy import Deployment, group_members
+from verify.engines import EngineInstall, render
+from verify.loadgen import PlannedRequest, run_replay
+from verify.records import read_records
+from verify.run import VerifyOptions, verify
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+# 15 s of the Mooncake conversation trace with the most prefix reuse inside it (9 % of its
+# hash blocks repeat an earlier request's prefix), at twice its rate: 53 requests
+SLICE = ["workload.start_s=1605", "workload.end_s=1620"]
+
+
+def engine_processes(marker: str) -> list[int]:
+    """Live processes whose command line mentions ``marker`` (a model path)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            out.append(int(pid))
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_bed() -> tuple[testbed.VllmTestbed, Path]:
+    vllm = testbed.ensure_vllm()
+    return vllm, testbed.ensure_tiny_hf(vllm=vllm)
+
+
+@pytest.fixture(scope="session")
+def llama_bed() -> tuple[testbed.LlamaCppTestbed, Path]:
+    return testbed.ensure_llamacpp(), testbed.ensure_tiny_gguf()
+
+
+def check_run(out: Path, n_configs: int) -> list[dict]:
+    comp = json.loads((out / "comparison.json").read_text())
+    assert len(comp["configs"]) == n_configs
+    for c in comp["configs"]:
+        assert c["num_requests"] == 53 and c["num_excluded"] == 0, c["exclusions"]
+        checks = {k["name"]: k for k in c["checks"]}
+        # the engine's own accounting equals the sum over the measured records, exactly
+        for name in ("prompt tokens", "output tokens", "request lengths"):
+            assert checks[name]["passed"], checks[name]
+        summary = json.loads((out / c["config_id"] / "replay_summary.json").read_text())
+        assert summary["num_ok"] == 53 and summary["num_error"] == 0
+    assert (out / "report.html").stat().st_size > 10_000
+    return list(comp["configs"])
+
+
+def test_verify_on_real_vllm_cpu(vllm_bed: tuple[testbed.VllmTestbed, Path],
+                                 tmp_path: Path) -> None:
+    vllm, model = vllm_bed
+    opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
+                         install=EngineInstall(python=str(vllm.python), env=vllm.env),
+                         base_port=18311, overrides=SLICE, ready_timeout_s=400)
+    verify(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml", tmp_path, opts)
+    configs = check_run(tmp_path, 2)
+    for c in configs:
+        checks = {k["name"]: k for k in c["checks"]}
+        hits = checks["prefix-cache hit rate"]
+        assert hits["passed"], hits
+        # the replay really induced prefix reuse, and the engine saw it
+        counters = c["engine_counters"]
+        assert counters["prefix_cache_hits"] > 0
+        rows = read_records(tmp_path / c["config_id"] / "records.jsonl")
+        assert sum(r["num_cached_tokens"] for r in rows) == counters["prefix_cache_hits"]
+        predicted = c["scalars"]["prefix_cache_hit_rate"]["predicted"]
+        measured = c["scalars"]["prefix_cache_hit_rate"]["measured"]
+        assert measured == pytest.approx(predicted, abs=0.02)
+    assert engine_processes(str(model)) == []
+
+
+def test_verify_on_real_llama_server(llama_bed: tuple[testbed.LlamaCppTestbed, Path],
+                                     tmp_path: Path) -> None:
+    llama, gguf = llama_bed
+    opts = VerifyOptions(engine="llamacpp", model_path=str(gguf), served_model_name="tiny",
+                         install=EngineInstall(llama_server=str(llama.server)),
+                         base_port=18321, overrides=SLICE, ready_timeout_s=60)
+    verify(ROOT / "scenarios" / "verify" / "tiny_llamacpp_cpu.yaml", tmp_path, opts)
+    check_run(tmp_path, 2)
+    assert engine_processes(str(gguf)) == []
+
+
+def test_real_engine_killed_mid_replay(llama_bed: tuple[testbed.LlamaCppTestbed, Path],
+                                       tmp_path: Path) -> None:
+    """SIGKILL the engine while streams are open: finished records stay, the rest are
+    recorded with a connection error, the replay returns, nothing is left running."""
+    llama, gguf = llama_bed
+    sc = Scenario.model_validate({"workload": {"trace": "x"}, "model": "servetwin/tiny-llama-4l",
+                                  "gpu": "CPU", "engine": {"max_num_seqs": 4,
+                                                           "max_model_len": 2048}})
+    spec = render("llamacpp", sc, str(gguf), port=18331, served_model_name="tiny",
+                  install=EngineInstall(llama_server=str(llama.server)))
+    plan = [PlannedRequest(i, 0.05 * i, list(range(400 + i, 464 + i)),
+                           8 if i < 4 else 400) for i in range(12)]
+    with Deployment(spec, tmp_path / "engine.log", ready_timeout_s=60) as d:
+        pgid = d.pgid
+        assert pgid is not None
+        killer = threading.Timer(2.0, os.killpg, (pgid, signal.SIGKILL))
+        killer.start()
+        summary = run_replay(plan, [spec.base_url], "tiny", tmp_path, force_close=True,
+                             stall_timeout_s=30)
+        killer.join()
+    rows = read_records(tmp_path / "records.jsonl")
+    assert sorted(r["request_id"] for r in rows) == list(range(12))  # one record each
+    ok = [r for r in rows if r["status"] == "ok"]
+    bad = [r for r in rows if r["status"] == "error"]
+    assert {r["request_id"] for r in ok} >= {0, 1, 2, 3}  # short ones finished before
+    assert bad and all(r["error"] for r in bad)
+    assert all(("connection" in r["error"]) or ("refused" in r["error"]) or
+               ("disconnected" in r["error"]) for r in bad), [r["error"] for r in bad]
+    assert summary.num_ok == len(ok) and summary.num_error == len(bad)
+    assert group_members(pgid) == []

@@ -1,0 +1,407 @@
+"""The verify stage, config by config: deploy, replay, scrape, predict, compare.
+
+For each config of a shortlist (or plain list of scenarios):
+
+1. deploy the engine(s) it describes — one process per worker — or attach to endpoints
+   that already run; wait for /health;
+2. warm up with a few requests of their own random tokens (so compilation and first-call
+   costs stay out of the measurement), then reset the prefix cache where the engine allows;
+3. snapshot /metrics, replay the config's trace with the load generator while a scraper
+   samples /metrics, snapshot again;
+4. stop the engine; simulate the same trace with the same knobs and the KV block count
+   the engine itself resolved (read from vLLM's ``cache_config_info``);
+5. write the config's folder; at the end compare all configs and write the report.
+
+A config whose folder holds ``done.json`` is skipped on a rerun (a killed verify resumes),
+and every file is written as its data arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.errors import InputError, ServetwinError
+from sim.scenario import LoadedScenario, _compose, scenario_to_dict, validate_scenario
+from sim.simulate import SimResult, resolve, simulate
+
+from .deploy import DeployError, Deployment, teardown_on_signals
+from .engines import EngineInstall, LaunchSpec, render
+from .scrape import ScrapeError, Scraper, Snapshot, counter_deltas, engine_info, snapshot
+
+Say = Callable[[str], None]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class VerifyOptions:
+    engine: str = "vllm"
+    model_path: str = ""  # weights the engine loads (folder or .gguf)
+    served_model_name: str = "servetwin"
+    endpoints: list[str] = field(default_factory=list)  # attach instead of deploying
+    install: EngineInstall = field(default_factory=EngineInstall)
+    host: str = "127.0.0.1"
+    base_port: int = 8100
+    ready_timeout_s: float = 600.0
+    scrape_interval_s: float = 0.5
+    warmup_requests: int = 2
+    stall_timeout_s: float = 120.0
+    overrides: list[str] = field(default_factory=list)  # --set, applied to every config
+    seed: int = 0  # prompt token content
+    force: bool = False  # redo configs that already have done.json
+
+
+@dataclass
+class ConfigEntry:
+    config_id: str
+    label: str
+    loaded: LoadedScenario
+
+
+# ------------------------------------------------------------------ configs
+def load_configs(path: Path, overrides: Sequence[str] = ()) -> list[ConfigEntry]:
+    """A shortlist (``configs: [{config_id, scenario}]``), a list of scenarios, or one
+    scenario. Each is validated as `servetwin simulate` would; errors name the entry."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(str(path), f"cannot read ({e.strerror or e})", "check the path") from None
+    data, _lines = _compose(text, str(path))
+    if isinstance(data, dict) and "configs" in data:
+        items = data["configs"]
+        if not isinstance(items, list) or not items:
+            raise InputError(str(path), "configs: must be a non-empty list",
+                             "give the shortlist.yaml that `servetwin screen` wrote")
+    elif isinstance(data, list):
+        items = data
+    elif isinstance(data, dict):
+        items = [{"scenario": data}]
+    else:
+        raise InputError(str(path), f"top level is {type(data).__name__}",
+                         "give a shortlist (configs: [...]), a list of scenarios or one scenario")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}: configs[{i}]"
+        if not isinstance(item, dict):
+            raise InputError(where, f"is {type(item).__name__}, not a mapping",
+                             "each entry is {config_id, scenario} or a scenario")
+        scenario = item.get("scenario", item)
+        if not isinstance(scenario, dict):
+            raise InputError(where, "scenario: not a mapping", "give a complete scenario")
+        scenario = {k: v for k, v in scenario.items() if k != "search"}
+        try:
+            loaded = validate_scenario(scenario, {}, Path(path), list(overrides))
+        except ServetwinError as e:
+            raise InputError(where, str(e), "fix the entry or the --set values") from None
+        cid = str(item.get("config_id") or f"config{i}")
+        out.append(ConfigEntry(cid, _label(loaded), loaded))
+    ids = [c.config_id for c in out]
+    if len(set(ids)) != len(ids):
+        raise InputError(str(path), f"config_id values repeat: {ids}", "give unique config_ids")
+    return out
+
+
+def _label(loaded: LoadedScenario) -> str:
+    sc = loaded.scenario
+    e = sc.engine
+    parts = [f"{sc.cluster.num_workers}x TP{e.tensor_parallel_size}"]
+    for k in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override"):
+        v = getattr(e, k)
+        if v is not None:
+            parts.append(f"{k}={v}")
+    if not e.enable_prefix_caching:
+        parts.append("no prefix caching")
+    if not e.enable_chunked_prefill:
+        parts.append("no chunked prefill")
+    return ", ".join(parts)
+
+
+# --------------------------------------------------------------- one config
+@dataclass
+class Measured:
+    out_dir: Path
+    records_path: Path
+    series_path: Path
+    counters: dict[str, float]
+    engine_info: dict[str, str]
+    replay: Any  # loadgen.ReplaySummary
+    launch: list[dict[str, Any]]
+    notes: list[str]
+
+
+def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
+                   out_dir: Path, say: Say = _say) -> Measured:
+    """Steps 1-3: deploy (or attach), warm up, replay with scraping, tear down."""
+    from .loadgen import plan_from_trace, run_replay, trace_meta
+    from .prompts import PromptBuilder
+
+    sc = entry.loaded.scenario
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deployments: list[Deployment] = []
+    notes: list[str] = []
+    launch: list[dict[str, Any]] = []
+    if opts.endpoints:
+        endpoints = [u.rstrip("/") for u in opts.endpoints]
+        notes.append(f"attached to running endpoints {endpoints}: the engine's knobs are "
+                     "whatever it was started with")
+    else:
+        endpoints = []
+        for w in range(sc.cluster.num_workers):
+            spec = render(opts.engine, sc, opts.model_path, port=opts.base_port + w,
+                          host=opts.host, served_model_name=opts.served_model_name,
+                          install=opts.install)
+            launch.append({"worker_id": w, "argv": spec.argv, "env": spec.env,
+                           "notes": list(spec.notes)})
+            notes.extend(n for n in spec.notes if n not in notes)
+            deployments.append(Deployment(spec, out_dir / f"engine-{w}.log",
+                                          ready_timeout_s=opts.ready_timeout_s))
+            endpoints.append(spec.base_url)
+        _write_json(out_dir / "launch.json", launch)
+    try:
+        for d in deployments:
+            say(f"  [{entry.config_id}] starting {opts.engine} worker on {d.spec.base_url} "
+                f"(log {d.log_path})")
+            d.start()
+        for d in deployments:
+            d.wait_ready()
+            say(f"  [{entry.config_id}] healthy after {d.ready_s:.1f} s")
+        builder = PromptBuilder(opts.seed, resolved_trace.hash_block_tokens or 16,
+                                vocab_low=400, vocab_high=32000)
+        force_close = opts.engine == "llamacpp"
+        if opts.warmup_requests:
+            _warm_up(endpoints, opts, out_dir / "warmup", force_close)
+        _reset_prefix_cache(endpoints, opts.engine, notes)
+        metrics_urls = [u + "/metrics" for u in endpoints]
+        before = [snapshot(u) for u in metrics_urls]
+        # scrape times are Unix seconds, re-based on the replay's t0 (meta.json) afterwards
+        scrapers = [Scraper(u, opts.engine, out_dir / "metrics.raw.jsonl",
+                            interval_s=opts.scrape_interval_s, clock=time.time,
+                            worker_id=i).start()
+                    for i, u in enumerate(metrics_urls)]
+        plan = plan_from_trace(resolved_trace, builder)
+        say(f"  [{entry.config_id}] replaying {len(plan):,} requests over "
+            f"{float(resolved_trace.arrival_s[-1]):.1f} s against {len(endpoints)} endpoint(s)")
+        try:
+            summary = run_replay(plan, endpoints, opts.served_model_name, out_dir,
+                                 router=sc.cluster.router.kind, force_close=force_close,
+                                 stall_timeout_s=opts.stall_timeout_s,
+                                 progress=_progress(entry.config_id, say),
+                                 meta=trace_meta(resolved_trace, builder, 1.0))
+        finally:
+            for s in scrapers:
+                s.stop()
+            _rebase_series(out_dir)
+        after = [snapshot(u) for u in metrics_urls]
+        for s in scrapers:
+            if s.errors:
+                notes.append(f"scrape errors ({len(s.errors)}), first: {s.errors[0]}")
+        (out_dir / "metrics_before.json").write_text(json.dumps(
+            [b.samples for b in before]), encoding="utf-8")
+        (out_dir / "metrics_after.json").write_text(json.dumps(
+            [a.samples for a in after]), encoding="utf-8")
+        counters = _sum_deltas(before, after, opts.engine)
+        info = engine_info(after[0]) if after else {}
+    finally:
+        for d in deployments:
+            d.stop()
+    return Measured(out_dir, Path(summary.records_path), out_dir / "metrics.jsonl", counters,
+                    info, summary, launch, notes)
+
+
+def _rebase_series(out_dir: Path) -> None:
+    """metrics.raw.jsonl (Unix times) -> metrics.jsonl (seconds from the replay's t0)."""
+    raw = out_dir / "metrics.raw.jsonl"
+    meta = out_dir / "meta.json"
+    if not raw.is_file():
+        return
+    t0 = json.loads(meta.read_text(encoding="utf-8")).get("t0_unix_s") if meta.is_file() else None
+    with open(raw, encoding="utf-8") as f, open(out_dir / "metrics.jsonl", "w",
+                                                 encoding="utf-8") as out:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if t0 is not None:
+                row["time_s"] = round(row["time_s"] - t0, 6)
+            out.write(json.dumps(row) + "\n")
+    raw.unlink()
+
+
+def _sum_deltas(before: list[Snapshot], after: list[Snapshot], engine: str) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for b, a in zip(before, after, strict=True):
+        for k, v in counter_deltas(b, a, engine).items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _warm_up(endpoints: list[str], opts: VerifyOptions, out: Path, force_close: bool) -> None:
+    """A few short requests of tokens no trace block uses (their own seed and range)."""
+    from .loadgen import PlannedRequest, run_replay
+
+    rng = np.random.default_rng([opts.seed, 0x5EED])
+    plan = [PlannedRequest(request_id=-1 - i, intended_s=0.0,
+                           prompt=rng.integers(400, 32000, 64).tolist(), max_tokens=8)
+            for i in range(opts.warmup_requests * len(endpoints))]
+    run_replay(plan, endpoints, opts.served_model_name, out, force_close=force_close,
+               stall_timeout_s=opts.ready_timeout_s)
+
+
+def _reset_prefix_cache(endpoints: list[str], engine: str, notes: list[str]) -> None:
+    """vLLM: POST /reset_prefix_cache (needs VLLM_SERVER_DEV_MODE=1); SGLang: /flush_cache.
+    llama.cpp keeps a prompt cache per slot; the warm-up's random tokens cannot hit it."""
+    import urllib.error
+    import urllib.request
+
+    path = {"vllm": "/reset_prefix_cache", "sglang": "/flush_cache"}.get(engine)
+    if path is None:
+        return
+    for u in endpoints:
+        try:
+            req = urllib.request.Request(u + path, method="POST", data=b"")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            notes.append(f"{u}{path} failed ({getattr(e, 'reason', e)}): the prefix cache "
+                         "still holds the warm-up's blocks")
+
+
+def _progress(cid: str, say: Say) -> Callable[[int, int, int], None]:
+    last = [0.0]
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int, errors: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < (0.5 if tty else 10.0):
+            return
+        last[0] = now
+        line = f"  [{cid}] replay: {done:,}/{total:,} done, {errors:,} errors"
+        if tty:
+            print("\r" + line + "   ", end="\n" if done >= total else "", file=sys.stderr,
+                  flush=True)
+        else:
+            say(line)
+
+    return show
+
+
+# ----------------------------------------------------------------- predict
+def predict(entry: ConfigEntry, num_gpu_blocks: int | None) -> tuple[SimResult, list[str]]:
+    """The simulator on the same trace and knobs, with the engine's own KV block count."""
+    notes = []
+    loaded = entry.loaded
+    if num_gpu_blocks is not None and loaded.scenario.engine.num_gpu_blocks_override is None:
+        raw = json.loads(json.dumps(loaded.raw))
+        raw.setdefault("engine", {})["num_gpu_blocks_override"] = num_gpu_blocks
+        loaded = validate_scenario(raw, loaded.lines, loaded.path, [])
+        notes.append(f"simulated with the engine's resolved KV cache: {num_gpu_blocks} blocks")
+    result = simulate(resolve(loaded))
+    return result, notes
+
+
+# -------------------------------------------------------------------- all
+@dataclass
+class VerifyResult:
+    out_dir: Path
+    report: dict[str, Path]
+    comparison: Any
+
+
+def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say) -> VerifyResult:
+    from sim.metrics import state_series
+
+    from .compare import ConfigRun, compare
+    from .records import read_records, to_sim_records
+    from .report import write_report
+    from .scrape import read_series
+
+    entries = load_configs(shortlist, opts.overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    with teardown_on_signals():
+        for k, entry in enumerate(entries, 1):
+            cdir = out_dir / entry.config_id
+            say(f"servetwin verify: config {k}/{len(entries)} {entry.config_id} "
+                f"({entry.label}) on {opts.engine}")
+            resolved = resolve(entry.loaded)
+            done = cdir / "done.json"
+            if done.is_file() and not opts.force:
+                say(f"  [{entry.config_id}] measured already ({done}); reusing it")
+                state = json.loads(done.read_text(encoding="utf-8"))
+            else:
+                if cdir.exists() and not done.is_file():
+                    _clear(cdir)
+                m = measure_config(entry, resolved.trace, opts, cdir, say)
+                state = {"counters": m.counters, "engine_info": m.engine_info,
+                         "notes": m.notes, "replay": _plain(m.replay)}
+                _write_json(done, state)
+            blocks = state["engine_info"].get("num_gpu_blocks")
+            pinned = int(blocks) if blocks not in (None, "", "None") else None
+            if opts.engine != "vllm":
+                pinned = None  # only vLLM's paged cache is modelled block for block
+            result, pnotes = predict(entry, pinned)
+            _write_json(cdir / "predicted_summary.json", result.summary)
+            import pandas as pd
+
+            measured = to_sim_records(read_records(cdir / "records.jsonl"))
+            series = read_series(cdir / "metrics.jsonl") if (cdir / "metrics.jsonl").is_file() \
+                else None
+            runs.append(ConfigRun(
+                config_id=entry.config_id, label=entry.label, engine=opts.engine,
+                predicted=result.records, measured=measured,
+                engine_counters=state["counters"], series=series,
+                predicted_series=pd.DataFrame(state_series(result.outcome, 0.5)),
+                notes=list(state["notes"]) + pnotes))
+            say(f"  [{entry.config_id}] predicted and measured")
+    comparison = compare(runs)
+    meta = {"shortlist": str(shortlist), "engine": opts.engine, "model_path": opts.model_path,
+            "configs": [{"config_id": e.config_id, "label": e.label,
+                         "scenario": scenario_to_dict(e.loaded.scenario)} for e in entries]}
+    report = write_report(comparison, out_dir, f"servetwin verify: {shortlist.name} on "
+                          f"{opts.engine}", meta)
+    return VerifyResult(out_dir, report, comparison)
+
+
+def _clear(d: Path) -> None:
+    """A config folder without done.json is a killed measurement: start it over."""
+    import shutil
+
+    shutil.rmtree(d)
+
+
+def _plain(x: Any) -> Any:
+    if hasattr(x, "__dataclass_fields__"):
+        return {k: _plain(getattr(x, k)) for k in x.__dataclass_fields__}
+    if isinstance(x, Path):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically, NaN written as null (strict JSON)."""
+    from .compare import json_safe
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(json_safe(_plain(data)), indent=1, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+__all__ = ["ConfigEntry", "DeployError", "LaunchSpec", "ScrapeError", "VerifyOptions",
+           "VerifyResult", "load_configs", "measure_config", "predict", "verify"]
