@@ -41,6 +41,8 @@ def add_parser(sub: Any) -> None:
                    help="warm-up requests per endpoint before each replay")
     v.add_argument("--seed", type=int, default=0, help="seed of the prompts' token content")
     v.add_argument("--out", default=None, help="output folder (default reports/verify-<time>)")
+    v.add_argument("--only", nargs="+", default=[], metavar="CONFIG_ID",
+                   help="verify only these configs of the shortlist")
     v.add_argument("--force", action="store_true",
                    help="measure configs again even if their folder says done")
     v.set_defaults(func=cmd_verify)
@@ -73,7 +75,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                               env=env, extra_args=tuple(args.engine_arg)),
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
-        warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force)
+        warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,
+        only=args.only)
     out = _run_dir(Path("reports"), "verify", args.out)
     result = verify(Path(args.shortlist), out, opts)
     print(format_comparison(result.comparison))

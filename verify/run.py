@@ -59,6 +59,7 @@ class VerifyOptions:
     overrides: list[str] = field(default_factory=list)  # --set, applied to every config
     seed: int = 0  # prompt token content
     force: bool = False  # redo configs that already have done.json
+    only: list[str] = field(default_factory=list)  # config_ids to run (default: all)
 
 
 @dataclass
@@ -98,9 +99,12 @@ def load_configs(path: Path, overrides: Sequence[str] = ()) -> list[ConfigEntry]
         scenario = item.get("scenario", item)
         if not isinstance(scenario, dict):
             raise InputError(where, "scenario: not a mapping", "give a complete scenario")
-        scenario = {k: v for k, v in scenario.items() if k != "search"}
+        # a shortlist's search section and a plain list's config_id are not scenario fields
+        scenario = {k: v for k, v in scenario.items() if k not in ("search", "config_id")}
         try:
             loaded = validate_scenario(scenario, {}, Path(path), list(overrides))
+        except InputError as e:
+            raise InputError(where, e.message, e.fix) from None
         except ServetwinError as e:
             raise InputError(where, str(e), "fix the entry or the --set values") from None
         cid = str(item.get("config_id") or f"config{i}")
@@ -327,6 +331,12 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
     from .scrape import read_series
 
     entries = load_configs(shortlist, opts.overrides)
+    if opts.only:
+        unknown = sorted(set(opts.only) - {e.config_id for e in entries})
+        if unknown:
+            raise InputError(str(shortlist), f"--only {', '.join(unknown)}: no such config_id",
+                             f"choose from {', '.join(e.config_id for e in entries)}")
+        entries = [e for e in entries if e.config_id in opts.only]
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     with teardown_on_signals():

@@ -80,7 +80,8 @@ def test_verify_on_real_vllm_cpu(vllm_bed: tuple[testbed.VllmTestbed, Path],
     vllm, model = vllm_bed
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
                          install=EngineInstall(python=str(vllm.python), env=vllm.env),
-                         base_port=18311, overrides=SLICE, ready_timeout_s=400)
+                         base_port=18311, overrides=SLICE, ready_timeout_s=400,
+                         only=["seqs4-mbt1024", "seqs16-mbt2048"])
     verify(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml", tmp_path, opts)
     configs = check_run(tmp_path, 2)
     for c in configs:

@@ -1,0 +1,76 @@
+"""The verify pipeline on a real HTTP server without a heavy engine: `servetwin verify
+--endpoints` against a twin-serve process, and the config file's error messages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from servetwin.cli import main
+from sim.errors import InputError
+from verify.run import load_configs
+from verify.twin_server import TwinProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"
+
+
+def test_bundled_verify_configs_load_with_ids_and_labels() -> None:
+    entries = load_configs(TINY)
+    assert [e.config_id for e in entries] == ["seqs4-mbt1024", "seqs16-mbt2048", "seqs8-mbt512"]
+    assert entries[1].label == ("1x TP1, max_num_seqs=16, max_num_batched_tokens=2048, "
+                                "num_gpu_blocks_override=2048")
+    one = load_configs(TINY, ["engine.max_num_seqs=2"])
+    assert {e.loaded.scenario.engine.max_num_seqs for e in one} == {2}
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("configs: []\n", "configs: must be a non-empty list"),
+    ("configs:\n  - 3\n", r"configs\[0\]: is int, not a mapping"),
+    ("configs:\n  - scenario: {model: x}\n", r"configs\[0\].*workload"),
+    ("- {workload: {trace: t.jsonl}, model: servetwin/tiny-llama-4l, gpu: CPU}\n"
+     "- {workload: {trace: t.jsonl}, model: servetwin/tiny-llama-4l, gpu: CPU,"
+     " config_id: config0}\n", "config_id values repeat"),
+    ("42\n", "top level is int"),
+])
+def test_bad_config_files_name_the_entry(tmp_path: Path, text: str, match: str) -> None:
+    p = tmp_path / "s.yaml"
+    p.write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_configs(p)
+
+
+def test_verify_attached_to_a_twin_server_end_to_end(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Attach mode: the engine runs already (here the twin, timed by the simulator itself
+    with the same tiny model on the CPU prior), the pipeline replays, scrapes, predicts,
+    compares and writes the report; the twin's counters must equal the records."""
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "workload: {trace: %s, start_s: 600, end_s: 612, input_scale: 0.03125,"
+        " output_scale: 0.125}\n"
+        "model: servetwin/tiny-llama-4l\ngpu: CPU\n"
+        "engine: {max_num_seqs: 8, max_num_batched_tokens: 1024, block_size: 16,"
+        " num_gpu_blocks_override: 4096}\n" % (ROOT / "scenarios/traces/"
+                                             "mooncake_conversation.jsonl.gz"))
+    twin = TwinProcess("--model", "servetwin", "--sim-model", "servetwin/tiny-llama-4l",
+                       "--gpu", "CPU",
+                       "--max-num-seqs", "8", "--max-num-batched-tokens", "1024",
+                       "--num-gpu-blocks", "4096", "--block-size", "16")
+    try:
+        code = main(["verify", str(scenario), "--endpoints", twin.url, "--out",
+                     str(tmp_path / "out"), "--warmup", "1", "--scrape-interval", "0.2"])
+    finally:
+        twin.stop()
+    assert code == 0
+    out = tmp_path / "out"
+    comp = json.loads((out / "comparison.json").read_text())
+    (c,) = comp["configs"]
+    assert c["num_requests"] > 20 and c["num_excluded"] == 0
+    checks = {k["name"]: k for k in c["checks"]}
+    assert checks["prompt tokens"]["passed"] and checks["output tokens"]["passed"]
+    assert (out / "config0" / "metrics.jsonl").stat().st_size > 0
+    assert "ttft p50 (ms)" in capsys.readouterr().out
+    assert (out / "report.html").is_file()
