@@ -32,6 +32,9 @@ def add_parser(sub: Any) -> None:
                    help="extra argument for every engine launch (repeat)")
     v.add_argument("--engine-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment variable for the engine (repeat)")
+    v.add_argument("--engine-nice", type=int, default=0, metavar="N",
+                   help="run the engine at nice +N (small hosts: keeps the load generator's "
+                   "schedule when the engine's server shares its core)")
     v.add_argument("--port", type=int, default=8100, help="first port (one per worker)")
     v.add_argument("--ready-timeout", type=float, default=600.0, metavar="S")
     v.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
@@ -72,7 +75,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         engine=args.engine, model_path=args.model_path, served_model_name=args.served_model_name,
         endpoints=args.endpoints,
         install=EngineInstall(python=args.engine_python, llama_server=args.llama_server,
-                              env=env, extra_args=tuple(args.engine_arg)),
+                              env=env, extra_args=tuple(args.engine_arg),
+                              nice=args.engine_nice),
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
         warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,

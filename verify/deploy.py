@@ -75,6 +75,11 @@ class Deployment:
                 raise DeployError(f"{self.spec.engine}: cannot start {self.spec.argv[0]!r} "
                                   f"({e.strerror or e}). Fix: install the engine or point "
                                   "--engine-python / --llama-server at it") from None
+        if self.spec.nice:
+            # the leader is reniced before it forks its workers (they inherit the value)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid,
+                               os.getpriority(os.PRIO_PROCESS, 0) + self.spec.nice)
 
     def wait_ready(self) -> float:
         """Block until /health answers 200; the seconds it took."""

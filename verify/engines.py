@@ -34,6 +34,10 @@ class EngineInstall:
     env: dict[str, str] = field(default_factory=dict)
     extra_args: tuple[str, ...] = ()  # appended verbatim to every launch
     threads: int = 1  # llama.cpp compute threads (more than cores-1 stalls, cpu_engines.md)
+    # scheduling priority of the engine's processes (os.nice increment). On a small host
+    # where the engine's API server shares a core with the load generator, a positive
+    # value keeps the load generator on its schedule; GPU hosts have cores to spare.
+    nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class LaunchSpec:
     port: int
     served_model_name: str
     notes: tuple[str, ...] = ()
+    nice: int = 0
 
     @property
     def base_url(self) -> str:
@@ -75,8 +80,11 @@ def render(engine: str, scenario: Scenario, model_path: str, *, port: int,
     argv, env, notes = build(scenario, model_path, host, port, served_model_name, install,
                              iteration_log)
     argv = [*argv, *install.extra_args]
+    if install.nice:
+        notes.append(f"engine processes run at nice +{install.nice} so the load generator "
+                     "keeps its schedule on a shared core")
     return LaunchSpec(engine, argv, {**env, **install.env}, host, port, served_model_name,
-                      tuple(notes))
+                      tuple(notes), install.nice)
 
 
 Built = tuple[list[str], dict[str, str], list[str]]

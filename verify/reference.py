@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     from verify import testbed
 
     out = args.out or str(ROOT / "reports" / f"verify-tiny-{args.engine}-cpu")
+    # 2 cores: vLLM's engine has core 0, its API server shares core 1 with the load
+    # generator, which must win it to keep its schedule
     common = [str(SCENARIOS[args.engine]), "--engine", args.engine, "--out", out,
+              "--engine-nice", "10",
               *[a for s in args.set for a in ("--set", s)], *(["--force"] if args.force else [])]
     if args.engine == "vllm":
         vllm = testbed.ensure_vllm(args.cache)

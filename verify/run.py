@@ -242,6 +242,27 @@ def _rebase_series(out_dir: Path) -> None:
     raw.unlink()
 
 
+def trace_prefix_tokens(trace: Any, block_size: int) -> int:
+    """Prompt tokens an engine could serve from its prefix cache on this trace, if every
+    earlier request's prefix were cached and nothing evicted: each request's leading hash
+    blocks seen before (ids are prefix-chained), cut to whole KV blocks and to prompt - 1
+    (the last token is always computed, vllm/v1/core/kv_cache_manager.py @ v0.33.0). An
+    upper bound for the measured hits; timing (a prefix still being computed) and
+    eviction lower them."""
+    seen: set[int] = set()
+    total = 0
+    off, ids, t = trace.hash_offsets, trace.hash_ids, trace.hash_block_tokens
+    for i in range(len(trace)):
+        h = ids[off[i]:off[i + 1]].tolist()
+        k = 0
+        while k < len(h) and h[k] in seen:
+            k += 1
+        seen.update(h)
+        n = min(k * t, int(trace.input_tokens[i]) - 1)
+        total += max(n, 0) // block_size * block_size
+    return total
+
+
 def _sum_deltas(before: list[Snapshot], after: list[Snapshot], engine: str) -> dict[str, float]:
     total: dict[str, float] = {}
     for b, a in zip(before, after, strict=True):
@@ -350,8 +371,8 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
                 say(f"  [{entry.config_id}] measured already ({done}); reusing it")
                 state = json.loads(done.read_text(encoding="utf-8"))
             else:
-                if cdir.exists() and not done.is_file():
-                    _clear(cdir)
+                if cdir.exists():
+                    _clear(cdir)  # killed half-way, or --force: measure from scratch
                 m = measure_config(entry, resolved.trace, opts, cdir, say)
                 state = {"counters": m.counters, "engine_info": m.engine_info,
                          "notes": m.notes, "replay": _plain(m.replay)}
@@ -361,6 +382,12 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
             if opts.engine != "vllm":
                 pinned = None  # only vLLM's paged cache is modelled block for block
             result, pnotes = predict(entry, pinned)
+            bound = trace_prefix_tokens(resolved.trace, entry.loaded.scenario.engine.block_size)
+            prompt_total = int(resolved.trace.input_tokens.sum())
+            pnotes.append(f"the trace's shared prefixes allow at most {bound:,} cached prompt "
+                          f"tokens ({100 * bound / max(prompt_total, 1):.1f} % of "
+                          f"{prompt_total:,}) in {entry.loaded.scenario.engine.block_size}-token "
+                          "blocks")
             _write_json(cdir / "predicted_summary.json", result.summary)
             import pandas as pd
 
@@ -384,7 +411,8 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
 
 
 def _clear(d: Path) -> None:
-    """A config folder without done.json is a killed measurement: start it over."""
+    """A config folder without done.json is a killed measurement (with --force, any is
+    measured again): start it over."""
     import shutil
 
     shutil.rmtree(d)

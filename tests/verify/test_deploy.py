@@ -125,3 +125,14 @@ def test_sigterm_to_the_harness_tears_the_engine_down(tmp_path: Path) -> None:
     out, _ = p.communicate(timeout=60)
     assert "interrupted" in out
     assert group_members(pgid) == []
+
+
+def test_nice_engine_runs_at_lower_priority_children_included(tmp_path: Path) -> None:
+    s = spec(tmp_path)
+    s = LaunchSpec(s.engine, s.argv, s.env, s.host, s.port, s.served_model_name, nice=7)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with Deployment(s, tmp_path / "e.log") as d:
+        assert d.pgid is not None
+        members = group_members(d.pgid)
+        assert len(members) == 2
+        assert {os.getpriority(os.PRIO_PROCESS, p) for p in members} == {base + 7}

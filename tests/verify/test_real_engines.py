@@ -18,14 +18,16 @@ from pathlib import Path
 import pytest
 
 from sim.scenario import Scenario
+from sim.simulate import resolve
 from verify import testbed
 from verify.deploy import Deployment, group_members
 from verify.engines import EngineInstall, render
 from verify.loadgen import PlannedRequest, run_replay
 from verify.records import read_records
-from verify.run import VerifyOptions, verify
+from verify.run import VerifyOptions, load_configs, trace_prefix_tokens, verify
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"
 pytestmark = pytest.mark.slow
 
 # 15 s of the Mooncake conversation trace with the most prefix reuse inside it (9 % of its
@@ -79,10 +81,11 @@ def test_verify_on_real_vllm_cpu(vllm_bed: tuple[testbed.VllmTestbed, Path],
                                  tmp_path: Path) -> None:
     vllm, model = vllm_bed
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
-                         install=EngineInstall(python=str(vllm.python), env=vllm.env),
+                         install=EngineInstall(python=str(vllm.python), env=vllm.env,
+                                               nice=10),
                          base_port=18311, overrides=SLICE, ready_timeout_s=400,
                          only=["seqs4-mbt1024", "seqs16-mbt2048"])
-    verify(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml", tmp_path, opts)
+    verify(TINY, tmp_path, opts)
     configs = check_run(tmp_path, 2)
     for c in configs:
         checks = {k["name"]: k for k in c["checks"]}
@@ -93,6 +96,10 @@ def test_verify_on_real_vllm_cpu(vllm_bed: tuple[testbed.VllmTestbed, Path],
         assert counters["prefix_cache_hits"] > 0
         rows = read_records(tmp_path / c["config_id"] / "records.jsonl")
         assert sum(r["num_cached_tokens"] for r in rows) == counters["prefix_cache_hits"]
+        # ... and no more than the trace's shared prefixes allow (timing lowers it a bit)
+        trace = resolve(load_configs(TINY, SLICE)[0].loaded).trace
+        bound = trace_prefix_tokens(trace, 32)
+        assert 0.8 * bound <= counters["prefix_cache_hits"] <= bound
         predicted = c["scalars"]["prefix_cache_hit_rate"]["predicted"]
         measured = c["scalars"]["prefix_cache_hit_rate"]["measured"]
         assert measured == pytest.approx(predicted, abs=0.02)

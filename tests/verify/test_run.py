@@ -10,7 +10,7 @@ import pytest
 
 from servetwin.cli import main
 from sim.errors import InputError
-from verify.run import load_configs
+from verify.run import load_configs, trace_prefix_tokens
 from verify.twin_server import TwinProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,3 +74,17 @@ def test_verify_attached_to_a_twin_server_end_to_end(tmp_path: Path,
     assert (out / "config0" / "metrics.jsonl").stat().st_size > 0
     assert "ttft p50 (ms)" in capsys.readouterr().out
     assert (out / "report.html").is_file()
+
+
+def test_trace_prefix_tokens_counts_leading_seen_blocks_in_whole_kv_blocks() -> None:
+    from sim.workload import Trace
+
+    # 16-token hash blocks; request 1 repeats request 0's two blocks then diverges,
+    # request 2 repeats one block, request 3 repeats all 3 blocks of a 40-token prompt
+    trace = Trace.checked(arrival_s=[0, 1, 2, 3], input_tokens=[40, 40, 20, 40],
+                          output_tokens=[1, 1, 1, 1], hash_offsets=[0, 3, 6, 8, 11],
+                          hash_ids=[0, 1, 2, 0, 1, 5, 0, 7, 0, 1, 2], hash_block_tokens=16)
+    # block 16: 0 + 32 + 16 + min(48, 39) -> 32 (whole blocks) = 80
+    assert trace_prefix_tokens(trace, 16) == 80
+    # block 32: 0 + 32 + 0 + 32 = 64
+    assert trace_prefix_tokens(trace, 32) == 64

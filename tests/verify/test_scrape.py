@@ -102,3 +102,12 @@ def test_llamacpp_prompt_tokens_add_evaluated_and_cached() -> None:
     c = snap.canonical("llamacpp")
     assert c["prompt_tokens"] == 402 and c["prefix_cache_hits"] == 200
     assert c["prefix_cache_queries"] == 402 and c["generation_tokens"] == 6
+
+
+def test_quick_samples_agree_with_the_full_parser() -> None:
+    from verify.scrape import CANONICAL, Snapshot, quick_samples
+
+    body = text(running=3, prompt=120, ok=4, steps=9)
+    names = {n for v in CANONICAL["vllm"].values() for n in ((v,) if isinstance(v, str) else v)}
+    assert Snapshot(0.0, quick_samples(body, names)).canonical("vllm") == \
+        parse(body).canonical("vllm")
