@@ -57,6 +57,7 @@ from sim.workload import Trace
 
 from .prompts import FixedPrompt, HashIds, Prompt, PromptBuilder
 from .records import META_FILE, RECORD_KEYS, RECORDS_FILE, RecordWriter, write_meta
+from .sse import SlowState, finish_reason, short, slow_events
 
 SUMMARY_FILE = "replay_summary.json"
 # the dispatcher sleeps to SPIN_S before a deadline, then yields to the loop until it:
@@ -155,107 +156,6 @@ def trace_meta(trace: Trace, prompt_builder: PromptBuilder, scale: float) -> dic
     return {"trace_source": trace.source, "schedule_scale": scale,
             "seed": prompt_builder.seed, "prompt_block_tokens": prompt_builder.block_tokens,
             "vocab": [prompt_builder.vocab_low, prompt_builder.vocab_high]}
-
-
-# ------------------------------------------------------------------------ streams
-class _Malformed(Exception):
-    pass
-
-
-IGNORE, TOKEN, OTHER, DONE = 0, 1, 2, 3
-
-
-class _SlowState:
-    """What a stream's events said beyond their count."""
-
-    __slots__ = ("done", "error", "last_s", "last_token", "reason", "usage")
-
-    def __init__(self, now_s: float) -> None:
-        self.last_s = now_s  # when the request was sent or its last bytes came
-        self.done = False
-        self.error: str | None = None
-        self.last_token = b""  # the last compact token event, parsed once at the end
-        self.reason: str | None = None
-        self.usage: Any = None
-
-
-def _slow_events(events: list[bytes], seen: int, st: _SlowState) -> int:
-    """Events one at a time (a chunk that is not only compact token events); the number
-    of token events up to [DONE] or a malformed event (then ``st.error``)."""
-    k = 0
-    for i, ev in enumerate(events):
-        if (ev.startswith(b'data: {"') and ev.endswith(b"}") and b'"choices":[{' in ev
-                and b'"usage":{' not in ev and b"\n" not in ev):
-            k += 1
-            st.last_token = ev
-            continue
-        try:
-            kind, obj = _parse_event(ev)
-        except _Malformed as e:
-            st.error = (f"malformed SSE: event {seen + i + 1}: "
-                        f"{_short(repr(e.args[0]), 120)}")
-            return k
-        if kind == TOKEN:
-            k += 1
-            st.last_token = b""
-        if obj is not None:
-            st.reason = _finish_reason(obj) or st.reason
-            if obj.get("usage"):
-                st.usage = obj["usage"]
-            if "error" in obj and kind != TOKEN:
-                st.error = f"server error event: {_short(json.dumps(obj))}"
-                return k
-        if kind == DONE:
-            st.done = True
-            return k
-    return k
-
-
-def _parse_event(ev: bytes) -> tuple[int, Any]:
-    """One SSE event parsed properly (field lines, JSON payload)."""
-    data_lines = []
-    for line in ev.split(b"\n"):
-        if not line or line.startswith(b":"):
-            continue  # a comment (keep-alive)
-        name, sep, value = line.partition(b":")
-        if not sep:
-            raise _Malformed(line)
-        if name == b"data":
-            data_lines.append(value[1:] if value.startswith(b" ") else value)
-        elif name not in (b"event", b"id", b"retry"):
-            raise _Malformed(line)
-    if not data_lines:
-        return IGNORE, None
-    data = b"\n".join(data_lines)
-    if data.strip() == b"[DONE]":
-        return DONE, None
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        raise _Malformed(data) from None
-    if not isinstance(obj, dict):
-        raise _Malformed(data)
-    choices = obj.get("choices")
-    if not choices:
-        return OTHER, obj
-    # llama-server ends with an empty-text chunk carrying finish_reason and usage: not a
-    # token. vLLM streams empty-text chunks for real tokens (EOS), but never with usage
-    # unless continuous usage stats are asked for (we do not).
-    if obj.get("usage") and all(not (c or {}).get("text") for c in choices):
-        return OTHER, obj
-    return TOKEN, obj
-
-
-def _finish_reason(obj: Mapping[str, Any]) -> str | None:
-    for c in obj.get("choices") or ():
-        if isinstance(c, dict) and c.get("finish_reason"):
-            return str(c["finish_reason"])
-    return None
-
-
-def _short(text: str, n: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n] + "..."
 
 
 class EndpointState:
@@ -371,7 +271,7 @@ class Replay:
         self._session: aiohttp.ClientSession | None = None
         self._exporter: _Exporter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._live: dict[asyncio.Task[Any], _SlowState] = {}  # requests in flight
+        self._live: dict[asyncio.Task[Any], SlowState] = {}  # requests in flight
         self._lags: list[float] = []
         self._errors: Counter[str] = Counter()
         self._num_ok = 0
@@ -547,7 +447,7 @@ class Replay:
         assert self._session is not None
         send = pc() - t0
         t = send
-        st = _SlowState(send)
+        st = SlowState(send)
         task = asyncio.current_task()
         assert task is not None
         self._live[task] = st
@@ -558,7 +458,7 @@ class Replay:
                 if status != 200:
                     head = await resp.content.read(400)
                     t = pc() - t0
-                    error = f"HTTP {status}: {_short(head.decode('utf-8', 'replace'))}"
+                    error = f"HTTP {status}: {short(head.decode('utf-8', 'replace'))}"
                 else:
                     content = resp.content
                     rem = b""
@@ -601,7 +501,7 @@ class Replay:
                             k = m = 0
                             cut = 0
                         if cut < end:
-                            k += _slow_events(chunk[cut:end - 2].split(b"\n\n"), seen + m, st)
+                            k += slow_events(chunk[cut:end - 2].split(b"\n\n"), seen + m, st)
                             m = chunk.count(b"\n\n", 0, end)
                         seen += m
                         if k:
@@ -625,7 +525,7 @@ class Replay:
             error = f"connect: timeout after {self.connect_timeout_s:g} s"
         except aiohttp.ClientConnectorError as e:
             t = pc() - t0
-            error = f"connect: {_short(str(e))}"
+            error = f"connect: {short(str(e))}"
         except TimeoutError:
             t = pc() - t0
             error = f"timeout: no event for {self.stall_timeout_s:g} s (after {n} events)"
@@ -634,25 +534,25 @@ class Replay:
             error = f"connection reset: server disconnected after {n} events"
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as e:
             t = pc() - t0
-            error = f"connection reset: after {n} events ({_short(str(e), 80)})"
+            error = f"connection reset: after {n} events ({short(str(e), 80)})"
         except Exception as e:  # a record for every request sent, whatever went wrong
             t = pc() - t0
-            error = f"client error: {type(e).__name__}: {_short(str(e))}"
+            error = f"client error: {type(e).__name__}: {short(str(e))}"
         del self._live[task]
         if st.last_token and st.reason is None:
             if b'"finish_reason":"length"' in st.last_token:
                 st.reason = "length"
             else:
                 try:
-                    st.reason = _finish_reason(json.loads(st.last_token[6:]))
+                    st.reason = finish_reason(json.loads(st.last_token[6:]))
                 except ValueError:
-                    error = error or f"malformed SSE: {_short(repr(st.last_token))}"
+                    error = error or f"malformed SSE: {short(repr(st.last_token))}"
         if error is None and isinstance(st.usage, dict):
             error = _usage_problem(st.usage, p)
         self._record(p, w, intended_s, send, t, times, n, status, st, error)
 
     def _record(self, p: PlannedRequest, w: int, intended_s: float, send: float, finish: float,
-                times: list[float], n: int, status: int | None, st: _SlowState,
+                times: list[float], n: int, status: int | None, st: SlowState,
                 error: str | None) -> None:
         ep = self.endpoints[w]
         ep.num_outstanding -= 1

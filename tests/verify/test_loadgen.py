@@ -19,12 +19,8 @@ from sim.metrics import summarize
 from sim.workload import synthesize
 from tests.verify.test_twin_server import metrics
 from verify.loadgen import (
-    DONE,
-    OTHER,
-    TOKEN,
     PlannedRequest,
     Replay,
-    _parse_event,
     plan_from_trace,
     replay,
     run_replay,
@@ -32,6 +28,8 @@ from verify.loadgen import (
 )
 from verify.prompts import PromptBuilder
 from verify.records import read_records, to_sim_records
+from verify.sse import DONE, OTHER, TOKEN
+from verify.sse import parse_event as _parse_event
 from verify.twin_server import TwinProcess
 
 ROOT = Path(__file__).resolve().parents[2]
