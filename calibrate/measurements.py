@@ -76,7 +76,9 @@ def check(df: pd.DataFrame, where: str = "measurements") -> pd.DataFrame:
         raise InputError(f"{where}: row {i + 1}", "a forward pass with no tokens",
                          "drop the row")
     for c in PROVENANCE:
-        out[c] = out[c].fillna("").astype(str)
+        # an empty CSV column reads back as float NaN: blank, as text
+        out[c] = [("" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+                  for v in out[c].tolist()]
     return out.reset_index(drop=True)
 
 

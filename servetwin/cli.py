@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .verify_cmd import add_parser as add_verify
 
     add_verify(sub)
+    from .calibrate_cmd import add_parser as add_calibrate
+    add_calibrate(sub)
     return p
 
 

@@ -1,0 +1,244 @@
+"""Forward-pass samples composed from NVIDIA AIConfigurator's measured op tables.
+
+Tables (aiconfigurator-core 0.12.0, shared data/timing/aiconfigurator, SOURCES.md §2), under
+ROOT/<system>/: latency is milliseconds of one kernel call.
+
+    gemm/<backend>/<v>/gemm_perf.csv.gz                      gemm_dtype, m, n, k, latency
+    attention/<backend>/<v>/context_attention_perf.csv.gz    batch_size, isl, num_heads,
+    attention/<backend>/<v>/generation_attention_perf.csv.gz  num_key_value_heads, head_dim,
+                                                             kv_cache_dtype, window_size,
+                                                             step, latency
+    comm/<backend>/<v>/custom_allreduce_perf.csv.gz          kernel_source, num_gpus,
+                                                             message_size, latency
+
+Composition of one forward pass of a dense (non-MoE, non-MLA) model at TP degree tp, with
+the shapes one GPU holds (sim.catalog ModelSpec.linear_shapes: QKV and gate/up column-
+parallel, O and down row-parallel, lm_head vocab-parallel; GEMM n = out_features,
+k = in_features), L = num_layers:
+
+    prefill, b prompts of isl tokens (one context_attention row, T = b·isl):
+        L · [ctx_attn(b, isl) + Σ_{qkv,o,gate_up,down} gemm(T, n, k) + 2·allreduce(T·hidden)]
+        + gemm(b, vocab/tp, hidden)                       lm_head on each prompt's last token
+    decode, b sequences at KV length s = step + 1 (one generation_attention row, T = b):
+        L · [gen_attn(b, step) + Σ gemm(b, n, k) + 2·allreduce(b·hidden)]
+        + gemm(b, vocab/tp, hidden)
+
+allreduce only for tp > 1: the `<Backend>_custom_graph` kernel (CUDA-graph custom
+all-reduce, what vLLM / SGLang run at serving batch sizes), num_gpus = tp, message_size read
+as bf16 elements. Attention rows: heads per GPU = num_attention_heads / tp, KV heads per GPU
+= max(1, kv_heads / tp), head_dim, kv_cache_dtype bfloat16, window_size 0; where several
+kernel_sources measured the same point (fa3 / fa4), the fastest (the engine picks it).
+GEMMs: gemm_dtype bfloat16 (fp8 weights: "fp8", per-tensor scaled), lm_head always bfloat16.
+
+Grids: attention points are table rows as they are (no interpolation). GEMM latency is
+interpolated linearly in each of m, n, k between the bracketing grid values (trilinear);
+beyond the largest n or k (Llama's 128256-row lm_head) the largest grid value's latency is
+scaled by x / x_max (a GEMM that size is bandwidth- or FLOP-bound, both linear in n and k);
+below the smallest, the smallest's latency is used. All-reduce latency: linear in
+message_size between grid points, the smallest's below the grid.
+
+Left out, as in the tables: norms, rope, activation, embedding gather, sampling and CPU
+overhead; so a profile fitted to these samples has near-zero overheads, and a real engine
+will be slower by about those. Decode rows whose KV (b · s tokens) does not fit in the GPU
+next to the weights are dropped: the twin can never run them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from sim.catalog import GpuSpec, ModelSpec
+from sim.errors import InputError
+
+from .measurements import frame
+
+_GEMM_DTYPE = {"bf16": "bfloat16", "fp16": "bfloat16", "fp8": "fp8"}
+_ALLREDUCE_KERNEL = {"vllm": "vLLM_custom_graph", "sglang": "SGLang_CustomAllReduce_graph"}
+_MS = 1e-3
+
+
+def default_root() -> Path:
+    """$SERVETWIN_AIC_DIR, else shared/data/timing/aiconfigurator next to or above the repo."""
+    env = os.environ.get("SERVETWIN_AIC_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    for base in (repo, repo.parent):
+        p = base / "shared" / "data" / "timing" / "aiconfigurator"
+        if p.is_dir():
+            return p
+    return repo / "shared" / "data" / "timing" / "aiconfigurator"
+
+
+def _table(root: Path, system: str, family: str, backend: str, name: str) -> Path:
+    base = root / system / family / backend
+    versions = sorted(p.name for p in base.glob("*") if (p / name).is_file())
+    if not versions:
+        raise InputError(str(base), f"no {name} for {system} / {backend}",
+                         f"check the system and backend, or --aic-dir (looked under {root})")
+    if len(versions) > 1:  # the newest-looking version; stored sets hold one per backend
+        versions.sort(key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split(".")])
+    return base / versions[-1] / name
+
+
+def _bracket(grid: list[int], x: float) -> list[tuple[int, float]]:
+    """(grid value, weight) pairs whose weighted latencies give the latency at x."""
+    if x <= grid[0]:
+        return [(grid[0], 1.0)]
+    if x >= grid[-1]:
+        return [(grid[-1], x / grid[-1])]
+    i = bisect.bisect_left(grid, x)
+    hi, lo = grid[i], grid[i - 1]
+    if hi == x:
+        return [(hi, 1.0)]
+    w = (x - lo) / (hi - lo)
+    return [(lo, 1.0 - w), (hi, w)]
+
+
+@dataclass
+class GemmTable:
+    latency_ms: dict[tuple[int, int, int], float]
+    m: list[int]
+    n: list[int]
+    k: list[int]
+    where: str
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, gemm_dtype: str, where: str) -> GemmTable:
+        d = df[df["gemm_dtype"] == gemm_dtype]
+        if d.empty:
+            raise InputError(where, f"no rows with gemm_dtype = {gemm_dtype}",
+                             "pick a dtype the table measured")
+        best = d.groupby(["m", "n", "k"], as_index=False)["latency"].min()
+        keys = zip(best["m"].tolist(), best["n"].tolist(), best["k"].tolist(), strict=True)
+        return cls({(int(a), int(b), int(c)): float(v)
+                    for (a, b, c), v in zip(keys, best["latency"].tolist(), strict=True)},
+                   sorted(d["m"].unique().tolist()), sorted(d["n"].unique().tolist()),
+                   sorted(d["k"].unique().tolist()), where)
+
+    def __call__(self, m: int, n: int, k: int) -> float:
+        """Milliseconds of y[m, n] = x[m, k] · W[k, n]."""
+        if m > self.m[-1]:
+            raise InputError(self.where, f"m = {m} tokens is beyond the table's {self.m[-1]}",
+                             "use smaller batches")
+        ms = _bracket(self.m, m)
+        total = 0.0
+        for mv, wm in ms:
+            for nv, wn in _bracket(self.n, n):
+                for kv, wk in _bracket(self.k, k):
+                    key = (mv, nv, kv)
+                    if key not in self.latency_ms:
+                        raise InputError(self.where, f"no measurement at (m, n, k) = {key}",
+                                         "the grid has a hole here; pick other batch sizes")
+                    total += wm * wn * wk * self.latency_ms[key]
+        return total
+
+
+def _attention_rows(path: Path, model: ModelSpec, tp: int) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    sel = df[(df["num_heads"] == model.num_attention_heads // tp)
+             & (df["num_key_value_heads"] == model.kv_heads_per_gpu(tp))
+             & (df["head_dim"] == model.head_dim) & (df["kv_cache_dtype"] == "bfloat16")
+             & (df["window_size"] == 0)]
+    if sel.empty:
+        raise InputError(str(path), f"no rows for {model.num_attention_heads // tp} heads, "
+                         f"{model.kv_heads_per_gpu(tp)} KV heads, head_dim {model.head_dim}",
+                         "this model / TP shape was not measured")
+    grouped = sel.groupby(["batch_size", "isl", "step"], as_index=False)["latency"].min()
+    return pd.DataFrame(grouped)
+
+
+def _allreduce(path: Path, backend: str, tp: int) -> tuple[list[int], dict[int, float]]:
+    df = pd.read_csv(path)
+    sel = df[(df["kernel_source"] == _ALLREDUCE_KERNEL[backend]) & (df["num_gpus"] == tp)]
+    if sel.empty:
+        raise InputError(str(path), f"no {_ALLREDUCE_KERNEL[backend]} rows at {tp} GPUs",
+                         "the table covers num_gpus 2, 4, 8")
+    lat = sel.groupby("message_size", as_index=False)["latency"].min()
+    sizes = [int(x) for x in lat["message_size"].tolist()]
+    return sorted(sizes), dict(zip(sizes, (float(v) for v in lat["latency"].tolist()),
+                                   strict=True))
+
+
+def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
+            dtype: str = "bf16", root: str | Path | None = None,
+            max_tokens: int = 16384) -> pd.DataFrame:
+    """Pure-prefill and pure-decode forward passes on the attention tables' grids, in the
+    calibrate.measurements schema; measured_s is the composed sum (see the module doc)."""
+    if model.is_moe or model.is_mla:
+        raise InputError(model.name, "MoE / MLA models are not composed from op tables yet",
+                         "use a dense model")
+    if backend not in _ALLREDUCE_KERNEL:
+        raise InputError("backend", f"{backend!r} is not known", "use vllm or sglang")
+    if dtype not in _GEMM_DTYPE:
+        raise InputError("dtype", f"{dtype!r} is not known", f"use {', '.join(_GEMM_DTYPE)}")
+    model.check_tp(tp)
+    root = Path(root) if root else default_root()
+    paths = {
+        "gemm": _table(root, system, "gemm", backend, "gemm_perf.csv.gz"),
+        "ctx": _table(root, system, "attention", backend, "context_attention_perf.csv.gz"),
+        "gen": _table(root, system, "attention", backend, "generation_attention_perf.csv.gz"),
+    }
+    if tp > 1:
+        paths["ar"] = _table(root, system, "comm", backend, "custom_allreduce_perf.csv.gz")
+    gemm_df = pd.read_csv(paths["gemm"])
+    gemm = GemmTable.from_frame(gemm_df, _GEMM_DTYPE[dtype], str(paths["gemm"]))
+    lm_gemm = gemm if dtype != "fp8" else GemmTable.from_frame(gemm_df, "bfloat16",
+                                                               str(paths["gemm"]))
+    shapes = model.linear_shapes(tp)
+    layer = [(s.out_features, s.in_features) for s in shapes if s.kind != "lm_head"]
+    (lm,) = (s for s in shapes if s.kind == "lm_head")
+    ar_grid, ar = _allreduce(paths["ar"], backend, tp) if tp > 1 else ([], {})
+
+    def allreduce_ms(num_elements: int) -> float:
+        if not ar_grid:
+            return 0.0
+        if num_elements > ar_grid[-1]:
+            raise InputError(str(paths["ar"]), f"message of {num_elements} elements is beyond "
+                             "the table", "use smaller batches")
+        return sum(w * ar[x] for x, w in _bracket(ar_grid, num_elements))
+
+    def pass_ms(tokens: int, attn_ms: float, logits_rows: int) -> float:
+        per_layer = attn_ms + sum(gemm(tokens, n, k) for n, k in layer)
+        per_layer += 2 * allreduce_ms(tokens * model.hidden_size)
+        return model.num_layers * per_layer + lm_gemm(logits_rows, lm.out_features,
+                                                      lm.in_features)
+
+    source = ";".join(str(p.relative_to(root)) for p in paths.values())
+    version = paths["gemm"].parent.name
+    kv_room = gpu.hbm_capacity_bytes - model.weight_bytes(dtype, tp)
+    kv_per_token = model.kv_bytes_per_token("bf16", tp)
+    rows: list[dict[str, object]] = []
+    ctx = _attention_rows(paths["ctx"], model, tp)
+    for b, isl, lat in zip(ctx["batch_size"].tolist(), ctx["isl"].tolist(),
+                           ctx["latency"].tolist(), strict=True):
+        if b * isl > max_tokens:
+            continue
+        rows.append(_row(b * isl, b * isl * (isl + 1) / 2, b, 0, 0, pass_ms(b * isl, lat, b)))
+    gen = _attention_rows(paths["gen"], model, tp)
+    for b, step, lat in zip(gen["batch_size"].tolist(), gen["step"].tolist(),
+                            gen["latency"].tolist(), strict=True):
+        s = step + 1
+        if b * s * kv_per_token > kv_room or b > max_tokens:
+            continue
+        rows.append(_row(0, 0.0, 0, b, b * s, pass_ms(b, lat, b)))
+    prov = {"tp": tp, "pp": 1, "gpu": system, "engine": backend, "engine_version": version,
+            "model": model.name, "dtype": dtype, "date": "", "source": source}
+    return frame(({**row, **prov} for row in rows), f"aiconfigurator {system}/{backend}")
+
+
+def _row(p: int, a: float, n_p: int, d: int, c: int, ms: float) -> dict[str, object]:
+    return {"num_prefill_tokens": p, "prefill_attn_work": a, "num_prefill_seqs": n_p,
+            "num_decode_seqs": d, "decode_context_tokens": c, "measured_s": ms * _MS}
+
+
+def sources(df: pd.DataFrame) -> list[str]:
+    out: list[str] = []
+    for s in df["source"].unique():
+        out += [x for x in str(s).split(";") if x and x not in out]
+    return out
