@@ -1,0 +1,377 @@
+"""Profile a running vLLM engine: send request shapes whose every step is known, read the
+engine's step log, and write one measurement row per step (calibrate.measurements).
+
+vLLM's step line gives counts only (calibrate.vllm_log). A plan is a list of phases run one
+after another, each starting on an idle engine; inside a phase the requests reach the
+engine in a known order, so the steps can be replayed against the shapes:
+
+    phase "prefill-512"   one request at a time, 1 output token: prefill chunks only
+    phase "decode-x8"     8 identical requests at once, short prompt, long output:
+                          decode steps of batch 8 with known, growing contexts
+    phase "mix-x4"        4 decoders, then prefills one at a time beside them
+
+The replay assumes vLLM V1's scheduling (vllm/v1/core/sched/scheduler.py @ v0.32.0): every
+running request is scheduled each step (a decode takes one token), waiting requests are
+admitted in arrival order, and only the last request admitted in a step can be cut short
+by the token budget (a chunk), which it continues first in the next step. Every step is
+checked against the line's four counts; the first step that does not fit ends the phase's
+replay, and it and the phase's later steps are dropped and counted, never guessed.
+Prefix-cache hits are read from each response (usage.prompt_tokens_details.cached_tokens)
+and start that request's prefill after the hit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pandas as pd
+
+from sim.errors import InputError, ServetwinError
+
+from . import measurements
+from .vllm_log import count_lines, read_step_log
+
+PROVENANCE = {"gpu": "CPU-1core-AVX512", "engine": "vllm", "engine_version": "0.32.0",
+              "model": "servetwin/tiny-llama-4l", "dtype": "bf16"}
+TOKEN_ID_RANGE = (100, 30_000)  # inside the tiny Llama's 32,000 vocabulary, no special ids
+
+
+@dataclass(frozen=True)
+class Group:
+    """``count`` requests of one shape, sent ``start_s`` after the phase starts: all at
+    once, or one after another (each waits for the previous to finish)."""
+
+    num_prompt_tokens: int
+    num_output_tokens: int
+    count: int = 1
+    start_s: float = 0.0
+    sequential: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompt_tokens", "num_output_tokens", "count"):
+            if getattr(self, name) < 1:
+                raise InputError("profiling plan", f"{name} = {getattr(self, name)}: "
+                                 "must be >= 1", "give positive sizes")
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    groups: tuple[Group, ...]
+
+    def __post_init__(self) -> None:
+        starts = [g.start_s for g in self.groups]
+        if len(set(starts)) != len(starts):
+            raise InputError(f"profiling plan: phase {self.name}", "two groups start at the "
+                             "same time: their arrival order is unknown",
+                             "give each group its own start_s")
+
+    def arrival_order(self) -> list[Group]:
+        return sorted(self.groups, key=lambda g: g.start_s)
+
+
+def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024, 1536,
+                                                   2048),
+                 decode_batches: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                 repeats: int = 2, decode_prompt_tokens: int = 32,
+                 decode_output_tokens: int = 96) -> list[Phase]:
+    """(a) pure prefill over a grid of prompt lengths (lengths above the engine's
+    max_num_batched_tokens come out as chunks after a cached part), (b) decode batches,
+    (c) decoders with prefills of each length beside them."""
+    phases = [Phase(f"prefill-{n}", (Group(n, 1, repeats, sequential=True),))
+              for n in prefill_lengths]
+    phases += [Phase(f"decode-x{b}-r{r}", (Group(decode_prompt_tokens,
+                                                 decode_output_tokens, b),))
+               for b in decode_batches for r in range(repeats)]
+    # the prefills start once the decoders are admitted, and end before they do
+    for b in decode_batches[1:4]:
+        for n in prefill_lengths[2:6:2]:
+            phases.append(Phase(f"mix-x{b}-p{n}", (
+                Group(decode_prompt_tokens, 2 * decode_output_tokens, b),
+                Group(n, 1, repeats, start_s=0.5, sequential=True))))
+    return phases
+
+
+def small_plan() -> list[Phase]:
+    """A few seconds of requests on the tiny CPU engine: tests and smoke runs."""
+    return [*default_plan(prefill_lengths=(32, 300), decode_batches=(1, 4), repeats=1,
+                          decode_output_tokens=16),
+            Phase("mix-x4-p300", (Group(32, 48, 4), Group(300, 1, 1, start_s=0.3)))]
+
+
+# --------------------------------------------------------------------------- join
+@dataclass
+class Sent:
+    """One request as the engine saw it."""
+
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int = 0
+    computed: int = 0  # prompt tokens in KV (hit included)
+    generated: int = 0
+
+    def __post_init__(self) -> None:
+        self.computed = self.num_cached_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < self.num_prompt_tokens
+
+    @property
+    def decoding(self) -> bool:
+        return not self.in_prefill and 1 <= self.generated < self.num_output_tokens
+
+
+@dataclass
+class Joined:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)  # what looked wrong, beyond drops
+
+
+class _Desync(Exception):
+    pass
+
+
+def join_phase(steps: pd.DataFrame, sent: list[Sent]) -> Joined:
+    """Each step's aggregates, replaying the phase's requests (in arrival order) against the
+    logged counts. ``steps``: the phase's rows of vllm_log's table, in iteration order."""
+    out = Joined()
+    queue = list(sent)  # arrival order; admitted requests stay until they finish
+    admitted = 0
+    for i, step in enumerate(steps.itertuples(index=False)):
+        try:
+            row, admitted = _replay_step(step, queue, admitted)
+        except _Desync as e:
+            out.dropped[str(e)] += 1
+            if len(steps) - i - 1:
+                out.dropped["after a step that did not fit"] += len(steps) - i - 1
+            return out
+        row["line"] = step.line
+        out.rows.append(row)
+    if any(r.in_prefill or r.generated < r.num_output_tokens for r in queue):
+        out.notes.append("the phase's steps end before its requests do")
+    return out
+
+
+def _replay_step(step: Any, queue: list[Sent], admitted: int) -> tuple[dict[str, Any], int]:
+    decoding = [r for r in queue[:admitted] if r.decoding]
+    if step.num_generation_requests != len(decoding):
+        raise _Desync("generation requests differ from the replay")
+    if step.num_generation_tokens != step.num_generation_requests:
+        raise _Desync("more than one token per generation request (spec decode/recompute)")
+    partial = [r for r in queue[:admitted] if r.in_prefill]
+    candidates = partial + queue[admitted:]
+    a, b = step.num_context_requests, step.num_context_tokens
+    if a > len(candidates) or (a == 0) != (b == 0):
+        raise _Desync("context requests differ from the replay")
+    chunks = []
+    left = b
+    for k, r in enumerate(candidates[:a]):
+        remaining = r.num_prompt_tokens - r.computed
+        n = remaining if k < a - 1 else left
+        if not 1 <= n <= remaining or n > left:
+            raise _Desync("context tokens differ from the replay")
+        chunks.append((r, n))
+        left -= n
+    # the step as the model saw it, before its results are applied
+    work = sum(n * (r.computed + (n + 1) / 2) for r, n in chunks)
+    context = sum(r.num_prompt_tokens + r.generated for r in decoding)
+    for r in decoding:
+        r.generated += 1
+    for r, n in chunks:
+        r.computed += n
+        if not r.in_prefill:
+            r.generated = 1  # the last chunk samples the first token
+    admitted += sum(1 for r, _ in chunks if all(r is not q for q in partial))
+    row = {"num_prefill_tokens": b, "prefill_attn_work": work, "num_prefill_seqs": a,
+           "num_decode_seqs": len(decoding), "decode_context_tokens": context,
+           "measured_s": step.elapsed_s, "iteration": step.iteration}
+    return row, admitted
+
+
+def split_phases(steps: pd.DataFrame, phases: list[list[Sent]]) -> list[pd.DataFrame]:
+    """The steps of each phase. Phases run on an idle engine one after another, so each
+    takes exactly its own tokens: Σ (prompt − hit) context tokens and Σ (output − 1)
+    generation tokens."""
+    tokens = (steps["num_context_tokens"] + steps["num_generation_tokens"]).to_numpy()
+    cum = np.cumsum(tokens)
+    out = []
+    start, total = 0, 0
+    for sent in phases:
+        total += sum(r.num_prompt_tokens - r.num_cached_tokens + r.num_output_tokens - 1
+                     for r in sent)
+        end = int(np.searchsorted(cum, total, side="right"))
+        out.append(steps.iloc[start:end])
+        start = end
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+@dataclass
+class ProfilingResult:
+    csv_path: Path
+    log_path: Path
+    num_requests: int
+    num_steps: int  # logged steps of the profiling run
+    num_rows: int
+    dropped: dict[str, int]  # reason: steps
+    notes: list[str]
+    rows_by_regime: dict[str, int]
+    requests_wall_s: float
+    engine_version: str | None
+
+    @property
+    def num_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def format(self) -> str:
+        lines = [f"profiling: {self.num_requests} requests in {self.requests_wall_s:.1f} s, "
+                 f"{self.num_steps} steps logged, {self.num_rows} rows "
+                 f"({', '.join(f'{k} {v}' for k, v in sorted(self.rows_by_regime.items()))}),"
+                 f" {self.num_dropped} dropped"]
+        lines += [f"  dropped {n}: {why}" for why, n in sorted(self.dropped.items())]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  rows: {self.csv_path}")
+        return "\n".join(lines)
+
+
+def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
+                   plan: Sequence[Phase] | None = None, *, model: str | None = None,
+                   seed: int | None = None, provenance: dict[str, str] | None = None,
+                   log_wait_s: float = 15.0) -> ProfilingResult:
+    """Run ``plan`` (default_plan()) against the idle vLLM at ``base_url`` that writes its
+    step lines to ``log_path``; write the measurement rows to ``out_csv``. ``seed``: the
+    random prompt ids (None: fresh, so a second run on the same engine gets no hits)."""
+    plan = list(plan if plan is not None else default_plan())
+    log_path, out_csv = Path(log_path), Path(out_csv)
+    if not log_path.is_file():
+        raise InputError(str(log_path), "no such engine log", "give the file the running "
+                         "vLLM (--enable-logging-iteration-details) writes its output to")
+    first_line = count_lines(log_path) + 1
+    t0 = time.monotonic()
+    sent = asyncio.run(_run_plan(base_url.rstrip("/"), plan, model, seed))
+    wall = time.monotonic() - t0
+    expected = sum(r.num_prompt_tokens - r.num_cached_tokens + r.num_output_tokens - 1
+                   for phase in sent for r in phase)
+    log = _wait_for_steps(log_path, first_line, expected, log_wait_s)
+    steps = log.steps[~log.steps["is_dummy"]].sort_values("iteration", kind="stable")
+    joined = Joined()
+    for phase, phase_steps, phase_sent in zip(plan, split_phases(steps, sent), sent,
+                                              strict=True):
+        j = join_phase(phase_steps, phase_sent)
+        joined.rows += j.rows
+        joined.dropped.update(j.dropped)
+        joined.notes += [f"{phase.name}: {n}" for n in j.notes]
+    logged = int((steps["num_context_tokens"] + steps["num_generation_tokens"]).sum())
+    if logged != expected:
+        joined.notes.append(f"the log has {logged} tokens, the plan {expected}: other "
+                            "traffic, or lines not yet written")
+    prov = {**PROVENANCE, **(provenance or {}), "engine_version": log.version or "unknown",
+            "date": date.today().isoformat(), "source": str(log_path)}
+    rows = [{**{k: v for k, v in r.items() if k not in ("line", "iteration")},
+             "tp": 1, "pp": 1, **prov} for r in joined.rows]
+    df = measurements.frame(rows, str(out_csv)) if rows else pd.DataFrame(
+        columns=list(measurements.COLUMNS))
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    if rows:
+        measurements.write(df, out_csv)
+    else:
+        df.to_csv(out_csv, index=False)
+    regimes = ({str(k): int(v) for k, v in measurements.regime(df).value_counts().items()}
+               if rows else {})
+    return ProfilingResult(out_csv, log_path, sum(len(p) for p in sent), len(steps),
+                           len(rows), dict(joined.dropped), joined.notes, regimes, wall,
+                           log.version)
+
+
+def _wait_for_steps(log_path: Path, first_line: int, expected: int, wait_s: float) -> Any:
+    """The API server writes step lines shortly after the responses: read until the plan's
+    tokens are all there, or ``wait_s`` passes (then the join counts what is missing)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        log = read_step_log(log_path, first_line)
+        s = log.steps
+        if int((s["num_context_tokens"] + s["num_generation_tokens"]).sum()) >= expected \
+                or time.monotonic() > deadline:
+            return log
+        time.sleep(0.2)
+
+
+async def _run_plan(base_url: str, plan: list[Phase], model: str | None,
+                    seed: int | None) -> list[list[Sent]]:
+    rng = np.random.default_rng(seed)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        if model is None:
+            async with session.get(base_url + "/v1/models") as resp:
+                model = (await resp.json())["data"][0]["id"]
+        out = []
+        for phase in plan:
+            groups = phase.arrival_order()
+            results = await asyncio.gather(*(_run_group(session, base_url, model, g, rng)
+                                             for g in groups))
+            out.append([s for group in results for s in group])
+    return out
+
+
+async def _run_group(session: aiohttp.ClientSession, base_url: str, model: str, g: Group,
+                     rng: np.random.Generator) -> list[Sent]:
+    prompts = [rng.integers(*TOKEN_ID_RANGE, size=g.num_prompt_tokens).tolist()
+               for _ in range(g.count)]
+    await asyncio.sleep(g.start_s)
+    if g.sequential:
+        return [await _send(session, base_url, model, p, g.num_output_tokens) for p in prompts]
+    return list(await asyncio.gather(*(_send(session, base_url, model, p,
+                                             g.num_output_tokens) for p in prompts)))
+
+
+async def _send(session: aiohttp.ClientSession, base_url: str, model: str, prompt: list[int],
+                num_output_tokens: int) -> Sent:
+    body = {"model": model, "prompt": prompt, "max_tokens": num_output_tokens,
+            "min_tokens": num_output_tokens, "ignore_eos": True, "temperature": 0}
+    async with session.post(base_url + "/v1/completions", json=body) as resp:
+        data = await resp.json(content_type=None)
+        if resp.status != 200:
+            raise ServetwinError(f"{base_url}: profiling request failed with HTTP "
+                                 f"{resp.status}: {str(data)[:300]}")
+    usage = data["usage"]
+    if usage["prompt_tokens"] != len(prompt) or usage["completion_tokens"] != num_output_tokens:
+        raise ServetwinError(f"{base_url}: usage {usage} differs from the request "
+                             f"({len(prompt)} prompt, {num_output_tokens} output tokens)")
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return Sent(len(prompt), num_output_tokens, int(cached))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m calibrate.profiling",
+                                description="profile a running vLLM started with "
+                                "--enable-logging-iteration-details --no-async-scheduling")
+    p.add_argument("base_url")
+    p.add_argument("log", help="the file the engine's output goes to")
+    p.add_argument("out_csv")
+    p.add_argument("--small", action="store_true", help="a few seconds of requests")
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        res = profile_engine(args.base_url, args.log, args.out_csv,
+                             small_plan() if args.small else default_plan(), seed=args.seed)
+    except ServetwinError as e:
+        print(f"error: {e}")
+        return 2
+    print(res.format())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""The profiling driver: the join of vLLM's step counts with known request shapes, on
+step logs written by a small model of vLLM V1's scheduler, and once against the real vLLM
+CPU engine (slow)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from calibrate import measurements
+from calibrate.profiling import (
+    Group,
+    Phase,
+    Sent,
+    join_phase,
+    profile_engine,
+    small_plan,
+    split_phases,
+)
+from calibrate.vllm_log import parse_lines
+from sim.errors import InputError
+
+LINE = ("(APIServer pid=1) INFO 11-26 22:00:40 [loggers.py:199] Engine 000: Iteration({i}): "
+        "{a} context requests, {b} context tokens, {c} generation requests, {d} generation "
+        "tokens, iteration elapsed time: {ms:.2f} ms, CPU KV cache usage: 0.0%")
+
+
+@dataclass
+class Truth:
+    """One step as the model below scheduled it."""
+
+    chunks: list[tuple[int, int]]  # (new tokens n, tokens before c)
+    contexts: list[int]  # decode context lengths, the new token included
+
+
+def make_log(requests: list[tuple[int, int, int]], max_num_batched_tokens: int,
+             first_iteration: int = 0) -> tuple[list[str], list[Truth]]:
+    """Step lines for ``requests`` = (prompt, output, arrival step), in arrival order:
+    running requests first (a decode takes one token, a prefill continues), then waiting
+    ones in order, the last one admitted cut to the budget (vLLM V1's scheduler)."""
+    state = [{"p": p, "o": o, "at": at, "done": 0, "gen": 0,
+              "admitted": False} for p, o, at in requests]
+    running: list[dict] = []
+    lines, truths = [], []
+    step = 0
+    while any(r["gen"] < r["o"] for r in state):
+        budget = max_num_batched_tokens
+        chunks, decodes = [], []
+        for r in running:
+            if r["done"] < r["p"]:
+                n = min(r["p"] - r["done"], budget)
+                if n:
+                    chunks.append((r, n))
+                    budget -= n
+            else:
+                decodes.append(r)
+                budget -= 1
+        for r in state:
+            if r["admitted"] or r["at"] > step or budget <= 0:
+                continue
+            n = min(r["p"], budget)
+            r["admitted"] = True
+            running.append(r)
+            chunks.append((r, n))
+            budget -= n
+        if not chunks and not decodes:
+            step += 1
+            continue
+        truths.append(Truth([(n, r["done"]) for r, n in chunks],
+                            [r["p"] + r["gen"] for r in decodes]))
+        lines.append(LINE.format(i=first_iteration + len(lines), a=len(chunks),
+                                 b=sum(n for _, n in chunks), c=len(decodes), d=len(decodes),
+                                 ms=1.0 + len(lines)))
+        for r in decodes:
+            r["gen"] += 1
+        for r, n in chunks:
+            r["done"] += n
+            if r["done"] == r["p"]:
+                r["gen"] = 1
+        running = [r for r in running if r["gen"] < r["o"]]
+        step += 1
+    return lines, truths
+
+
+def work(t: Truth) -> float:
+    return sum(n * (c + (n + 1) / 2) for n, c in t.chunks)
+
+
+def steps_of(lines: list[str]) -> pd.DataFrame:
+    return parse_lines(lines, "synthetic.log")
+
+
+def test_join_chunked_prefill_by_hand() -> None:
+    # 300 tokens through a 256-token budget: a chunk of 256, then 44 after them; 3 outputs
+    lines, _ = make_log([(300, 3, 0)], 256)
+    j = join_phase(steps_of(lines), [Sent(300, 3)])
+    assert not j.dropped and not j.notes
+    got = [(r["num_prefill_tokens"], r["prefill_attn_work"], r["num_prefill_seqs"],
+            r["num_decode_seqs"], r["decode_context_tokens"]) for r in j.rows]
+    assert got == [(256, 256 * 257 / 2, 1, 0, 0), (44, 44 * (256 + 45 / 2), 1, 0, 0),
+                   (0, 0.0, 0, 1, 301), (0, 0.0, 0, 1, 302)]
+    assert [r["measured_s"] for r in j.rows] == [0.001, 0.002, 0.003, 0.004]
+
+
+@pytest.mark.parametrize("requests, budget", [
+    # a decode batch whose members arrive over three steps: mixed steps, then decodes
+    ([(32, 20, 0), (32, 20, 0), (32, 20, 1), (32, 20, 3)], 256),
+    # decoders with long prefills beside them, chunked by the budget
+    ([(32, 60, 0), (32, 60, 0), (32, 60, 0), (700, 1, 5), (300, 1, 6), (64, 1, 30)], 256),
+    # more prompt than one step holds among several arrivals at once
+    ([(100, 5, 0)] * 6, 128),
+])
+def test_join_recovers_every_step(requests: list[tuple[int, int, int]], budget: int) -> None:
+    lines, truths = make_log(requests, budget)
+    j = join_phase(steps_of(lines), [Sent(p, o) for p, o, _ in requests])
+    assert not j.dropped and not j.notes
+    assert len(j.rows) == len(truths)
+    for row, t in zip(j.rows, truths, strict=True):
+        assert row["num_prefill_tokens"] == sum(n for n, _ in t.chunks)
+        assert row["prefill_attn_work"] == work(t)
+        assert row["num_prefill_seqs"] == len(t.chunks)
+        assert row["num_decode_seqs"] == len(t.contexts)
+        assert row["decode_context_tokens"] == sum(t.contexts)
+
+
+def test_join_reads_prefix_hits() -> None:
+    # 64 of 100 prompt tokens were a hit: the engine computes 36 after them
+    lines = [LINE.format(i=0, a=1, b=36, c=0, d=0, ms=5), LINE.format(i=1, a=0, b=0, c=1, d=1,
+                                                                       ms=2)]
+    j = join_phase(steps_of(lines), [Sent(100, 2, num_cached_tokens=64)])
+    assert [r["prefill_attn_work"] for r in j.rows] == [36 * (64 + 37 / 2), 0.0]
+    assert j.rows[1]["decode_context_tokens"] == 101
+
+
+def test_a_step_that_does_not_fit_drops_the_rest_of_its_phase_counted() -> None:
+    lines, truths = make_log([(32, 10, 0), (32, 10, 0)], 256)
+    bad = lines[3].replace("2 generation requests", "1 generation requests")
+    lines = [*lines[:3], bad, *lines[4:]]
+    j = join_phase(steps_of(lines), [Sent(32, 10), Sent(32, 10)])
+    assert len(j.rows) == 3
+    assert sum(j.dropped.values()) == len(truths) - 3
+    assert j.dropped["generation requests differ from the replay"] == 1
+
+
+def test_split_phases_by_tokens() -> None:
+    a, _ = make_log([(300, 1, 0)], 256)
+    b, _ = make_log([(16, 4, 0), (16, 4, 0)], 256, first_iteration=len(a))
+    phases = [[Sent(300, 1)], [Sent(16, 4), Sent(16, 4)]]
+    parts = split_phases(steps_of(a + b), phases)
+    assert [len(p) for p in parts] == [len(a), len(b)]
+    assert parts[1]["iteration"].tolist() == list(range(len(a), len(a) + len(b)))
+
+
+def test_plan_rejects_ambiguous_arrival_order() -> None:
+    with pytest.raises(InputError, match="same time"):
+        Phase("x", (Group(8, 1), Group(16, 1)))
+
+
+@pytest.mark.slow
+def test_profile_real_vllm_cpu(tmp_path: Path) -> None:
+    from sim.scenario import Scenario
+    from verify import testbed
+    from verify.deploy import Deployment
+    from verify.engines import EngineInstall, render
+
+    vllm = testbed.ensure_vllm()
+    model = testbed.ensure_tiny_hf(vllm=vllm)
+    sc = Scenario.model_validate({
+        "workload": {"synthetic": {}}, "model": "servetwin/tiny-llama-4l",
+        "gpu": "CPU-1core-AVX512",
+        "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 2048,
+                   "block_size": 32}})
+    spec = render("vllm", sc, str(model), port=18431, served_model_name="tiny",
+                  install=EngineInstall(python=str(vllm.python), env=vllm.env),
+                  iteration_log=True)
+    log = tmp_path / "vllm.log"
+    plan = small_plan()
+    with Deployment(spec, log, ready_timeout_s=400):
+        t0 = time.monotonic()
+        res = profile_engine(spec.base_url, log, tmp_path / "steps.csv", plan)
+        assert time.monotonic() - t0 < 60
+    assert res.engine_version == "0.32.0"
+    assert res.num_dropped == 0 and not res.notes, res.format()
+    assert res.rows_by_regime.get("prefill", 0) >= 3 and res.rows_by_regime.get("decode", 0) > 20
+    assert res.rows_by_regime.get("mixed", 0) >= 1
+    df = measurements.read(res.csv_path)
+    assert len(df) == res.num_rows == res.num_steps
+    assert (df["measured_s"] > 0).all()
+    # the engine's logged token counts are the plan's, exactly
+    prompt = sum(g.num_prompt_tokens * g.count for p in plan for g in p.groups)
+    decode = sum((g.num_output_tokens - 1) * g.count for p in plan for g in p.groups)
+    assert int(df["num_prefill_tokens"].sum()) == prompt
+    assert int(df["num_decode_seqs"].sum()) == decode
+    # the 300-token prompt through a 256-token budget: a chunk of 256, then 44 after them
+    pure = df[(df["num_decode_seqs"] == 0)]
+    assert {256, 44} <= set(pure["num_prefill_tokens"])
+    assert 44 * (256 + 45 / 2) in set(pure["prefill_attn_work"])
