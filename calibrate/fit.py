@@ -161,9 +161,15 @@ def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: s
     df = _check_samples(samples, tp)
     measured = df["measured_s"].to_numpy()
     names, fixed = identifiable(df, model, gpu, tp, dtype, prior)
+    # each regime weighs the same in the fit, whatever its number of samples: an engine's
+    # step log holds thousands of decode steps for every few dozen prefills
+    reg_all = regime(df).to_numpy()
+    counts = {g: int((reg_all == g).sum()) for g in set(reg_all)}
+    weight = np.sqrt(np.array([len(df) / (len(counts) * counts[g]) for g in reg_all]))
 
     def residuals(x: np.ndarray) -> np.ndarray:
-        return np.log(predict(df, model, gpu, tp, dtype, _from_x(x, names, prior)) / measured)
+        pred = predict(df, model, gpu, tp, dtype, _from_x(x, names, prior))
+        return weight * np.log(pred / measured)
 
     lo, hi = _bounds(names)
     profile, success, message = prior, True, "nothing to fit"
