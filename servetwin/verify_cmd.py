@@ -25,6 +25,8 @@ def add_parser(sub: Any) -> None:
                    help="replay this trace instead of each config's workload.trace")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of every config, e.g. --set workload.max_requests=100")
+    v.add_argument("--profile", default=None, metavar="PROFILE.yaml",
+                   help="predict with this timing profile (from `servetwin calibrate`)")
     v.add_argument("--engine-python", default=sys.executable,
                    help="python with vllm / sglang installed (default: this one)")
     v.add_argument("--llama-server", default="llama-server", help="llama-server binary")
@@ -68,6 +70,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.trace:
         overrides.append(f"workload.trace={Path(args.trace).resolve()}")
+    if args.profile:
+        from calibrate.profile import load_profile
+
+        profile, _ = load_profile(args.profile)
+        overrides += [f"timing.profile.{k}={v!r}" for k, v in profile.to_dict().items()]
     if not args.endpoints and not args.model_path:
         raise InputError("--model-path", "missing", "give the weights the engine should "
                          "serve, or --endpoints of engines that already run")

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--cache", default=None, help="testbed cache folder")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--profile", default=None, help="predict with this timing profile")
     args = p.parse_args(argv)
 
     from servetwin.cli import main as servetwin_main
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     # generator, which must win it to keep its schedule
     common = [str(SCENARIOS[args.engine]), "--engine", args.engine, "--out", out,
               "--engine-nice", "10",
-              *[a for s in args.set for a in ("--set", s)], *(["--force"] if args.force else [])]
+              *[a for s in args.set for a in ("--set", s)], *(["--force"] if args.force else []),
+              *(["--profile", args.profile] if args.profile else [])]
     if args.engine == "vllm":
         vllm = testbed.ensure_vllm(args.cache)
         model = testbed.ensure_tiny_hf(args.cache, vllm=vllm)
