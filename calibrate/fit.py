@@ -21,6 +21,7 @@ prediction t has a 90 % interval [t / exp(q95), t / exp(q05)] (r = log(t / measu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -153,7 +154,7 @@ def _quantiles(r: np.ndarray) -> tuple[float, float]:
 
 def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: str = "bf16",
         prior: TimingProfile | None = None, loss: str = "soft_l1",
-        f_scale: float = 0.05) -> FitResult:
+        f_scale: float = 0.05, held: Sequence[str] = ()) -> FitResult:
     """Bounded robust least squares of log(predicted / measured) over the identified
     coefficients. f_scale: the relative error (0.05 = 5 %) beyond which soft_l1 / huber
     stop weighing a residual quadratically."""
@@ -161,6 +162,14 @@ def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: s
     df = _check_samples(samples, tp)
     measured = df["measured_s"].to_numpy()
     names, fixed = identifiable(df, model, gpu, tp, dtype, prior)
+    # held: coefficients the caller pins at the prior (e.g. GEMM efficiencies fitted at
+    # TP 1); reported with the not-identified ones
+    unknown = [h for h in held if h not in COEFFICIENTS]
+    if unknown:
+        raise InputError("held", f"{unknown[0]!r} is not a coefficient",
+                         f"use some of {', '.join(COEFFICIENTS)}")
+    fixed = (*fixed, *(n for n in names if n in held))
+    names = tuple(n for n in names if n not in held)
     # each regime weighs the same in the fit, whatever its number of samples: an engine's
     # step log holds thousands of decode steps for every few dozen prefills
     reg_all = regime(df).to_numpy()
@@ -232,7 +241,7 @@ def summarize(ape: np.ndarray, r: np.ndarray, reg: np.ndarray) -> dict[str, dict
 
 def kfold(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: str = "bf16",
           prior: TimingProfile | None = None, loss: str = "soft_l1", k: int = 5, seed: int = 0,
-          f_scale: float = 0.05) -> KFoldResult:
+          f_scale: float = 0.05, held: Sequence[str] = ()) -> KFoldResult:
     """Held-out errors: fit on k − 1 folds, predict the k-th, for every fold."""
     df = _check_samples(samples, tp)
     if not 2 <= k <= len(df):
@@ -242,10 +251,10 @@ def kfold(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype:
     fold = _folds(reg, k, seed)
     r = np.empty(len(df))
     for i in range(k):
-        held = fold == i
-        result = fit(df[~held], model, gpu, tp, dtype, prior, loss, f_scale)
-        pred = predict(df[held], model, gpu, tp, dtype, result.profile)
-        r[held] = np.log(pred / df["measured_s"].to_numpy()[held])
+        out = fold == i
+        result = fit(df[~out], model, gpu, tp, dtype, prior, loss, f_scale, held)
+        pred = predict(df[out], model, gpu, tp, dtype, result.profile)
+        r[out] = np.log(pred / df["measured_s"].to_numpy()[out])
     ape = np.abs(np.expm1(r))
     return KFoldResult(k=k, seed=seed, by_regime=summarize(ape, r, reg), ape=ape,
                        log_residuals=r)

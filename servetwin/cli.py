@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify(sub)
     from .calibrate_cmd import add_parser as add_calibrate
     add_calibrate(sub)
+    from .validate_cmd import add_parser as add_validate
+    add_validate(sub)
     return p
 
 

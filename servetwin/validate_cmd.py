@@ -1,0 +1,59 @@
+"""`servetwin validate`: predict measured serving rows with the twin, score the predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    v = sub.add_parser("validate", help="simulate measured serving benchmarks (silicon-sample "
+                       "CSV) and report prediction errors")
+    v.add_argument("rows", metavar="ROWS.csv", help="measured rows (AIConfigurator "
+                   "silicon-sample columns)")
+    v.add_argument("--out", required=True, help="folder for predictions.csv and summary.json")
+    v.add_argument("--profiles", default=None,
+                   help="folder of profile YAMLs (default: the bundled calibrate/profiles)")
+    v.add_argument("--num-requests", type=int, default=None,
+                   help="requests per row (default max(4 x concurrency, 64))")
+    v.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from calibrate import validate as val
+    from sim.errors import InputError
+
+    rows = val.read_rows(args.rows)
+    profiles = val.bundled_profiles(Path(args.profiles) if args.profiles else val.PROFILE_DIR)
+    try:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(args.out, f"cannot create ({e.strerror or e})",
+                         "choose a writable --out folder") from None
+    t0 = time.perf_counter()
+    preds = []
+    for i, row in enumerate(rows, 1):
+        preds.append(val.predict_row(row, profiles, args.num_requests))
+        if sys.stderr.isatty():
+            print(f"\r  {i}/{len(rows)} rows, {time.perf_counter() - t0:.0f} s", end="",
+                  file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    wall = time.perf_counter() - t0
+    summary = val.summarize(preds)
+    summary["wall_s"] = round(wall, 2)
+    try:
+        val.write_csv(out / "predictions.csv", preds)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise InputError(str(e.filename or out), f"cannot write ({e.strerror or e})",
+                         "choose a writable --out folder") from None
+    print(f"servetwin validate: {args.rows}: {len(rows)} rows in {wall:.1f} s")
+    print(val.format_summary(summary))
+    print(f"  wrote {out / 'predictions.csv'}, {out / 'summary.json'}")
+    return 0
