@@ -1,6 +1,6 @@
 """Bundled timing profiles, composed from AIConfigurator op tables (calibrate.aiconfigurator).
 
-    python -m calibrate.bundle            regenerate calibrate/profiles/*.yaml
+    python -m calibrate.bundle            regenerate sim/data/profiles/*.yaml
 
 One profile per (system, backend, model, tp), named
 `<system>-<backend>-<model slug>-tp<N>.yaml` (slug: the repo id lower-cased, `/` → `--`).
@@ -26,13 +26,14 @@ import pandas as pd
 
 from sim.catalog import load_gpu, load_model
 from sim.errors import ServetwinError
+from sim.profiles import PROFILES_DIR
 from sim.timing import TimingProfile
 
 from . import aiconfigurator as aic
 from .fit import fit, kfold
 from .profile import profile_doc, write_profile
 
-PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
+PROFILE_DIR = PROFILES_DIR  # bundled with the simulator: scenarios select them by name
 COMPUTE = ("gemm_compute_eff", "gemm_mem_eff", "attn_prefill_eff", "attn_decode_eff")
 SYSTEM_GPU = {"h100_sxm": "H100-SXM", "h200_sxm": "H200-SXM", "b200_sxm": "B200",
               "a100_sxm": "A100-SXM-80GB"}

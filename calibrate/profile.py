@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from sim.errors import InputError
+from sim.profiles import read_profile
 from sim.timing import TimingProfile
 
 from .fit import FitResult, KFoldResult
@@ -73,30 +74,7 @@ def write_profile(path: str | Path, doc: Mapping[str, Any]) -> Path:
 
 def load_profile(path: str | Path) -> tuple[TimingProfile, dict[str, Any]]:
     """(profile, meta) where meta = {"provenance": ..., "fit": ...} as written."""
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(str(path), "file not found", "check the path") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(str(path), f"not a readable YAML file ({one_line(e)})",
-                         "give a profile written by `servetwin calibrate`") from None
-    if not isinstance(doc, Mapping):
-        raise InputError(str(path), "a profile is a mapping with a `timing:` section",
-                         "give a profile written by `servetwin calibrate`")
-    timing = doc.get("timing")
-    if not isinstance(timing, Mapping):
-        raise InputError(str(path), f"timing = {timing!r}: missing or not a mapping",
-                         "add `timing: {kind: roofline, profile: {...}}`")
-    if timing.get("kind", "roofline") != "roofline":
-        raise InputError(str(path), f"timing.kind = {timing.get('kind')!r}: unknown",
-                         "use kind: roofline")
-    profile = TimingProfile.from_dict(timing.get("profile", {}), f"{path}: timing.profile")
-    meta = {k: doc.get(k, {}) for k in ("provenance", "fit")}
-    for k, v in meta.items():
-        if not isinstance(v, Mapping):
-            raise InputError(str(path), f"{k} = {v!r}: not a mapping", f"make {k} a mapping")
-    return profile, meta
+    return read_profile(path)
 
 
 def one_line(e: Exception) -> str:

@@ -5,7 +5,7 @@ loop benchmark each, `batch_size` clients, fixed `isl` / `osl`, one engine of `t
 
 Per row: model (sim.catalog.resolve_model_name: Instruct / FP8 variants -> the base shape;
 precision fp8 -> fp8 weights and GEMMs), GPU (SYSTEM_GPU), bundled profile for (system,
-backend, model, tp) from calibrate/profiles (nearest TP, then another model, with a note), then
+backend, model, tp) from sim/data/profiles (nearest TP, then another model, with a note), then
 a closed loop at concurrency = batch_size over max(4 x concurrency, 64) synthetic requests of
 exactly isl / osl tokens (unique prompts, no shared prefix), vLLM start-up defaults for the GPU.
 

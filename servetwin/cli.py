@@ -66,6 +66,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{resolved.model.name} on {resolved.gpu.name} TP {sc.engine.tensor_parallel_size} "
           f"({mode})", file=sys.stderr, flush=True)
     print(f"  KV cache: {resolved.kv_capacity_note}", file=sys.stderr, flush=True)
+    print(f"  timing: {resolved.timing_note}", file=sys.stderr, flush=True)
     result = simulate(resolved, fast_forward=False if args.step_by_step else None,
                       progress=_progress_line(t0) if sys.stderr.isatty() else None)
     wall = time.perf_counter() - t0

@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
                    "silicon-sample columns)")
     v.add_argument("--out", required=True, help="folder for predictions.csv and summary.json")
     v.add_argument("--profiles", default=None,
-                   help="folder of profile YAMLs (default: the bundled calibrate/profiles)")
+                   help="folder of profile YAMLs (default: the bundled sim/data/profiles)")
     v.add_argument("--num-requests", type=int, default=None,
                    help="requests per row (default max(4 x concurrency, 64))")
     v.set_defaults(func=cmd_validate)

@@ -107,6 +107,9 @@ class VllmEngineSpec(_Model):
 
 class TimingSpec(_Model):
     kind: Literal["roofline"] = "roofline"
+    # a fitted profile: a bundled name (sim/data/profiles) or a profile YAML's path
+    profile_name: str | None = Field(default=None, min_length=1)
+    # single coefficients, over the named profile (or over the analytic prior)
     profile: dict[str, float] = Field(default_factory=dict)
 
 

@@ -19,6 +19,7 @@ from .engines.vllm import VllmConfig, VllmEngine
 from .errors import ConfigError, InputError, ScenarioError, TraceError
 from .kv import dense_hash_ids
 from .metrics import Records, build_records, engine_summary, summarize
+from .profiles import bundled_profiles, describe, find_profile, read_profile
 from .router import make_router
 from .scenario import LoadedScenario, VllmEngineSpec
 from .timing import RooflineTiming, TimingModel, TimingProfile
@@ -37,6 +38,7 @@ class Resolved:
     timing: TimingModel
     closed_loop: ClosedLoop | None
     kv_capacity_note: str
+    timing_note: str = "analytic prior (sim/timing.py TimingProfile defaults)"
 
     def as_dict(self) -> dict[str, Any]:
         e = self.engine
@@ -47,6 +49,7 @@ class Resolved:
             "trace_source": self.trace.source,
             "engine": {f: getattr(e, f) for f in e.__dataclass_fields__},
             "kv_capacity": self.kv_capacity_note,
+            "timing": self.timing_note,
         }
 
 
@@ -215,22 +218,48 @@ def load_workload(loaded: LoadedScenario) -> Trace:
     return trace
 
 
+def resolve_profile(loaded: LoadedScenario) -> tuple[TimingProfile, str]:
+    """The timing coefficients a run uses, and one line saying where they came from."""
+    t = loaded.scenario.timing
+    base = TimingProfile()
+    note = "analytic prior (sim/timing.py TimingProfile defaults)"
+    if t.profile_name is not None:
+        path = find_profile(t.profile_name, loaded.base_dir)
+        if path is None:
+            names = ", ".join(bundled_profiles()) or "none"
+            raise ScenarioError(loaded.where("timing", "profile_name"),
+                                f"timing.profile_name = {t.profile_name!r}: no bundled profile "
+                                "and no such file",
+                                f"use a bundled name ({names}) or a profile YAML's path")
+        try:
+            base, meta = read_profile(path)
+        except InputError as e:
+            raise ScenarioError(loaded.where("timing", "profile_name"),
+                                f"timing.profile_name = {t.profile_name!r}: {e}",
+                                "give a profile written by `servetwin calibrate`") from None
+        note = describe(t.profile_name, meta)
+    try:
+        profile = TimingProfile.from_dict({**base.to_dict(), **t.profile})
+    except InputError as e:
+        raise ScenarioError(loaded.where("timing", "profile"),
+                            f"timing.profile: {e.message}", e.fix) from None
+    if t.profile:
+        note += f"; overridden: {', '.join(f'{k} = {v:g}' for k, v in t.profile.items())}"
+    return profile, note
+
+
 def resolve(loaded: LoadedScenario) -> Resolved:
     sc = loaded.scenario
     model = load_model(sc.model)
     gpu = load_gpu(sc.gpu)
     engine, note = resolve_engine(sc.engine, model, gpu, sc.dtype, loaded.where("engine"))
-    try:
-        profile = TimingProfile.from_dict(sc.timing.profile)
-    except InputError as e:
-        raise ScenarioError(loaded.where("timing", "profile"),
-                            f"timing.profile: {e.message}", e.fix) from None
+    profile, timing_note = resolve_profile(loaded)
     timing = RooflineTiming(model, gpu, sc.engine.tensor_parallel_size, sc.dtype, profile,
                             kv_dtype=kv_dtype_for(sc.dtype))
     trace = load_workload(loaded)
     cl = sc.workload.closed_loop
     closed = ClosedLoop(cl.concurrency, cl.num_requests) if cl is not None else None
-    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note)
+    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note, timing_note)
 
 
 def simulate(resolved: Resolved, fast_forward: bool | None = None,

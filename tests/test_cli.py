@@ -160,7 +160,8 @@ def test_unwritable_out_folder(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     code, _, stderr = run_cli(str(scenario), "--out", str(blocker / "run"))
-    assert code == 2 and stderr.count("\n") == 3  # the two header lines, then the error
+    assert code == 2 and stderr.count("\n") == 4  # three header lines, then the error
+    assert "\n  timing: analytic prior (sim/timing.py TimingProfile defaults)\n" in stderr
     assert stderr.splitlines()[-1].startswith(
         f"servetwin: error: {blocker / 'run'}: cannot create the output folder (")
     assert "Fix: choose a writable --out or --reports folder" in stderr
