@@ -43,21 +43,48 @@ def write_yaml(path: Path, data: dict[str, Any]) -> None:
     _atomic_write(path, yaml.safe_dump(_clean(data), sort_keys=False).encode())
 
 
+def _column(values: np.ndarray | list[str]) -> Any:
+    """A pyarrow array built from buffers: ``pa.array`` would import pandas (a
+    quarter of a second, a tenth of a whole default run) to inspect its input."""
+    import pyarrow as pa
+
+    if isinstance(values, list) or values.dtype == object:
+        data = [str(v).encode() for v in values]
+        offsets = np.zeros(len(data) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in data], out=offsets[1:])
+        big = offsets[-1] >= 2**31
+        return pa.Array.from_buffers(
+            pa.large_string() if big else pa.string(), len(data),
+            [None, pa.py_buffer(offsets if big else offsets.astype(np.int32)),
+             pa.py_buffer(b"".join(data))])
+    kinds = {"i": (np.int64, pa.int64()), "u": (np.int64, pa.int64()),
+             "f": (np.float64, pa.float64())}
+    dtype, pa_type = kinds[values.dtype.kind]  # records hold ints, floats and strings
+    buf = np.ascontiguousarray(values, dtype=dtype)
+    return pa.Array.from_buffers(pa_type, int(buf.size), [None, pa.py_buffer(buf)])
+
+
 def records_table(records: Records) -> Any:
     import pyarrow as pa
 
     cols = {name: records.columns[name] for name in RECORD_COLUMNS}
-    # strings from a Python list: pyarrow would import pandas to read an object array
-    arrays = {k: pa.array(v.tolist() if v.dtype == object else v) for k, v in cols.items()}
-    off = records.token_offsets.astype(np.int32 if records.token_offsets[-1] < 2**31 else np.int64)
-    values = pa.array(records.token_times_s, type=pa.float64())
-    if off.dtype == np.int32:
-        arrays["token_times_s"] = pa.ListArray.from_arrays(pa.array(off), values)
+    arrays = {k: _column(v) for k, v in cols.items()}
+    off = records.token_offsets
+    times = np.ascontiguousarray(records.token_times_s, dtype=np.float64)
+    values = pa.Array.from_buffers(pa.float64(), int(times.size), [None, pa.py_buffer(times)])
+    if off[-1] < 2**31:
+        offs = np.ascontiguousarray(off, dtype=np.int32)
+        arrays["token_times_s"] = pa.ListArray.from_buffers(
+            pa.list_(pa.float64()), int(offs.size - 1), [None, pa.py_buffer(offs)],
+            children=[values])
     else:
-        arrays["token_times_s"] = pa.LargeListArray.from_arrays(pa.array(off), values)
-    reasons = [records.reject_reasons.get(int(i), "") for i in cols["request_id"]]
-    arrays["reject_reason"] = pa.array(reasons, type=pa.string())
-    return pa.table(arrays)
+        offs = np.ascontiguousarray(off, dtype=np.int64)
+        arrays["token_times_s"] = pa.LargeListArray.from_buffers(
+            pa.large_list(pa.float64()), int(offs.size - 1), [None, pa.py_buffer(offs)],
+            children=[values])
+    arrays["reject_reason"] = _column([records.reject_reasons.get(int(i), "")
+                                       for i in cols["request_id"]])
+    return pa.Table.from_arrays(list(arrays.values()), names=list(arrays))
 
 
 def write_records(path: Path, records: Records) -> Path:
