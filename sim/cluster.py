@@ -122,6 +122,10 @@ class Worker:
         if m > plan.committed:
             done = self.engine.commit(plan, m)
             assert not done, "a decode run completes requests only in its last step"
+        if m > 0 and plan.ends[m - 1] < now:
+            # step m started before now (one that starts at now is decided after
+            # this instant's arrivals, in step-by-step mode too)
+            self.engine.start_step(plan, m)
 
     # -------------------------------------------------------------- events
     def _want_schedule(self, now: float) -> None:
@@ -206,6 +210,9 @@ class Cluster:
         off = tr.hash_offsets
         req = Request(i, arrival_s, int(tr.input_tokens[i]), int(tr.output_tokens[i]),
                       self._dense[off[i]:off[i + 1]])
+        sid = int(tr.session_ids[i])
+        if sid >= 0:
+            req.session_id = sid
         self.requests.append(req)
         return req
 
@@ -237,6 +244,9 @@ class Cluster:
 
     def on_done(self, req: Request, now: float) -> None:
         """A request finished or was refused; a closed loop replaces it at once."""
+        done_hook = getattr(self.router, "on_done", None)  # optional router hook
+        if done_hook is not None:
+            done_hook(req, now)
         self._num_done += 1
         if self._progress is not None and (self._num_done >= self._next_report
                                            or self._num_done == self._num_total):

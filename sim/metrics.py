@@ -72,10 +72,14 @@ def _token_times(outcome: SimOutcome) -> tuple[np.ndarray, np.ndarray]:
     per_req = np.zeros(len(outcome.requests), dtype=np.int64)
     for i, r in enumerate(outcome.requests):
         ts = r.token_steps
+        total = 0
+        if r.pre_token_times:  # tokens from an earlier worker (disaggregated prefill)
+            pieces.append(np.asarray(r.pre_token_times, dtype=np.float64))
+            total = len(r.pre_token_times)
         if not ts:
+            per_req[i] = total
             continue
         w = ends[r.worker_id]
-        total = 0
         for j in range(0, len(ts), 2):
             pieces.append(w[ts[j]:ts[j + 1]])
             total += ts[j + 1] - ts[j]

@@ -28,6 +28,7 @@ class Request:
         "first_token_s",
         "hash_ids",
         "hashed_end",
+        "hold_kv",
         "layout",
         "max_output_tokens",
         "num_cached_tokens",
@@ -35,11 +36,15 @@ class Request:
         "num_output",
         "num_preemptions",
         "num_tokens",
+        "pre_token_times",
         "prev_blocks",
         "prev_stamps",
         "prompt_tokens",
         "reject_reason",
+        "remote_kv_tokens",
         "rid",
+        "session_id",
+        "stop_at",
         "token_steps",
         "worker_id",
     )
@@ -69,6 +74,16 @@ class Request:
         self.worker_id = -1
         self.token_steps: list[int] = []
         self.reject_reason = ""
+        # disaggregated prefill/decode: the engine stops the request once it has
+        # ``stop_at`` output tokens (1 on a prefill worker); ``hold_kv`` keeps its
+        # blocks after that until the KV handoff ends; ``remote_kv_tokens`` prompt
+        # tokens arrive with KV computed elsewhere; ``pre_token_times`` are the
+        # times of tokens produced on an earlier worker (no step index here)
+        self.stop_at = max_output_tokens
+        self.session_id: int | None = None  # the trace's session (multi-turn chat), if any
+        self.hold_kv = False
+        self.remote_kv_tokens = 0
+        self.pre_token_times: list[float] = []
 
     def add_token_steps(self, first_step: int, num_steps: int) -> None:
         """Record that steps [first_step, first_step + num_steps) each produced a token."""

@@ -68,7 +68,8 @@ def cdiv(a: int, b: int) -> int:
 class StepPlan:
     """What one step (or one fast-forward run of identical decode steps) does."""
 
-    __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "k_done",
+    __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "handed",
+                 "k_done",
                  "num_d",
                  "num_p", "num_steps", "preempted", "requests", "scheduled", "seqs_p",
                  "start_s", "used", "waiting_len", "work_p")
@@ -78,6 +79,7 @@ class StepPlan:
         self.preempted: list[Request] = []
         self.num_steps = 1
         self.committed = 0
+        self.handed = 1  # run steps [0, handed) have their blocks (step 0's at schedule)
         self.first_step = 0
         self.start_s = start_s
         # step end times and KV blocks in use: lists for one step, arrays for a run
@@ -130,6 +132,7 @@ class VllmEngine:
         self.num_prefix_hit_tokens = 0
         self.num_prefix_query_tokens = 0
         self._rejected: list[Request] = []
+        self._held: dict[int, list[int]] = {}  # rid -> blocks kept for a KV handoff
         self._watermark_blocks = int(config.watermark * self.pool.num_usable)
 
     # ---------------------------------------------------------------- intake
@@ -218,6 +221,11 @@ class VllmEngine:
             req = self.waiting[0]
             hit = self._lookup(req)
             computed = int(hit.size) * bs
+            if req.remote_kv_tokens > computed:
+                # disaggregated decode: the prompt's KV arrived from a prefill worker
+                # (blocks this worker lacked were transferred); only the first
+                # sampled token's KV is left to compute
+                computed = req.remote_kv_tokens
             n = req.num_tokens - computed
             if 0 < cfg.long_prefill_token_threshold < n:
                 n = cfg.long_prefill_token_threshold
@@ -249,9 +257,31 @@ class VllmEngine:
                 self.num_prefix_query_tokens += req.num_tokens
             plan.add(req, n)
             self._grow(req, n, cdiv(computed + n, bs) - int(hit.size))
+            if req.remote_kv_tokens:
+                self._cache_transferred(req, int(hit.size))
             self.running.append(req)
             budget -= n
         return True
+
+    def _cache_transferred(self, req: Request, num_hit: int) -> None:
+        """Index the full prompt blocks that came with a KV handoff (as vLLM caches
+        a remote prefill's blocks once loaded); later requests may hit them."""
+        layout = self._layout(req)
+        hi = min(layout.num_hashed, req.remote_kv_tokens // self.config.block_size)
+        if hi > num_hit:
+            self.pool.cache(np.asarray(req.blocks[num_hit:hi], dtype=np.int64),
+                            layout.keys[num_hit:hi])
+        req.remote_kv_tokens = 0
+
+    def lacking_tokens(self, req: Request) -> int:
+        """Prompt tokens whose KV this worker would need sent: the prompt less its
+        cached prefix here (whole blocks)."""
+        if not self.pool.enable_caching:
+            return req.prompt_tokens
+        layout = self._layout(req)
+        hit = self.pool.lookup(layout.keys[: min(layout.num_hashed,
+                                                  req.prompt_tokens // self.config.block_size)])
+        return req.prompt_tokens - int(hit.size) * self.config.block_size
 
     def _lookup(self, req: Request) -> np.ndarray:
         """Block ids of the request's cached prefix (vLLM get_computed_blocks)."""
@@ -347,7 +377,7 @@ class VllmEngine:
         """
         reqs = self.running
         bs = self.config.block_size
-        k_done = min(r.max_output_tokens - r.num_output for r in reqs)
+        k_done = min(r.stop_at - r.num_output for r in reqs)
         if k_done <= 1:
             return 1
         by_first = sorted(((bs - r.num_computed % bs, i) for i, r in enumerate(reqs)))
@@ -425,13 +455,17 @@ class VllmEngine:
             else:
                 ts.append(first_idx)
                 ts.append(last)
-        self._hand_out_blocks(plan, max(lo, 1), hi)
+        self._hand_out_blocks(plan, hi)
         if hi < plan.k_done:
             return []  # a run ends its requests only in step k_done - 1
         return self._finish(float(plan.ends[hi - 1]))
 
-    def _hand_out_blocks(self, plan: StepPlan, a: int, hi: int) -> None:
-        """Allocate the blocks of run steps [a, hi), in the planned event order."""
+    def _hand_out_blocks(self, plan: StepPlan, hi: int) -> None:
+        """Allocate the blocks of run steps [handed, hi), in the planned event order."""
+        a = plan.handed
+        if hi <= a:
+            return
+        plan.handed = hi
         steps = plan.ev_steps
         lo_ev = bisect_left(steps, a)
         hi_ev = bisect_left(steps, hi)
@@ -442,13 +476,35 @@ class VllmEngine:
         for owner, b in zip(plan.ev_owner[lo_ev:hi_ev], ids, strict=True):
             reqs[owner].blocks.append(b)
 
+    def start_step(self, plan: StepPlan, j: int) -> None:
+        """Run step ``j`` has started (its predecessors are committed): take its blocks
+        now, as step-by-step mode does when it schedules the step, so that anything
+        reading the pool mid-run (a KV-aware router, a planner) sees the same state."""
+        if plan.requests:
+            self._hand_out_blocks(plan, j + 1)
+
     def _finish(self, end: float) -> list[Request]:
-        done = [r for r in self.running if r.num_output >= r.max_output_tokens]
+        done = [r for r in self.running if r.num_output >= r.stop_at]
         if not done:
             return done
-        self.running = [r for r in self.running if r.num_output < r.max_output_tokens]
+        self.running = [r for r in self.running if r.num_output < r.stop_at]
         for req in done:
-            req.finish_s = end
-            self.pool.free(np.asarray(req.blocks, dtype=np.int64))
+            if req.hold_kv:
+                # a prefill worker keeps the KV until the decode side has read it
+                # (vLLM's NixlConnector frees after the transfer: request_finished
+                # returns delay_free_blocks; vllm-project/vllm:
+                # vllm/distributed/kv_transfer/kv_connector/v1/nixl_connector.py @ v0.33.0)
+                self._held[req.rid] = req.blocks
+            else:
+                req.finish_s = end
+                self.pool.free(np.asarray(req.blocks, dtype=np.int64))
             req.blocks = []
         return done
+
+    def release(self, req: Request) -> None:
+        """Free the blocks a finished prefill held for its KV handoff."""
+        self.pool.free(np.asarray(self._held.pop(req.rid), dtype=np.int64))
+
+    @property
+    def num_held_blocks(self) -> int:
+        return sum(len(b) for b in self._held.values())
