@@ -20,6 +20,7 @@ influence (the in-flight step completes); steps already past are committed.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ from heapq import heappush
 import numpy as np
 import simpy
 
+from .autoscale import PRIORITY_SLOTS, Autoscaler
 from .engines.vllm import StepPlan, VllmEngine
+from .errors import ScenarioError
 from .request import Request
 from .router import Router
 from .workload import ClosedLoop, Trace
@@ -67,12 +70,14 @@ def _alone_at(env: simpy.Environment, now: float) -> bool:
 
 
 class Worker:
-    def __init__(self, cluster: Cluster, worker_id: int, engine: VllmEngine) -> None:
+    def __init__(self, cluster: Cluster, worker_id: int, engine: VllmEngine,
+                 slots: int | None = None) -> None:
+        """``slots``: worker ids that may ever exist (orders simultaneous events)."""
         self.cluster = cluster
         self.env = cluster.env
         self.worker_id = worker_id
         self.engine = engine
-        n = cluster.num_workers + 1
+        n = (cluster.num_workers if slots is None else slots) + 1
         self._end_priority = worker_id / n
         self._schedule_priority = 2.0 + worker_id / n
         self.plan: StepPlan | None = None
@@ -180,15 +185,26 @@ class SimOutcome:
 class Cluster:
     def __init__(self, engines: Sequence[VllmEngine], router: Router, trace: Trace,
                  dense_hash_ids: np.ndarray, closed_loop: ClosedLoop | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 autoscaler: Autoscaler | None = None) -> None:
         """``dense_hash_ids``: the trace's hash ids renumbered densely (kv.dense_hash_ids).
         ``progress(done, total)`` is called each time another percent of the requests
         has finished (the caller decides how to show it; the simulation keeps no clock)."""
         self.env = simpy.Environment()
         self.num_workers = len(engines)
-        self.workers = [Worker(self, i, e) for i, e in enumerate(engines)]
+        slots = PRIORITY_SLOTS if autoscaler is not None else None
+        self.workers = [Worker(self, i, e, slots) for i, e in enumerate(engines)]
         self.engines = list(engines)
         self.router = router
+        self.autoscaler = autoscaler
+        self._parked: list[Request] = []  # arrivals while no worker is ready (planner)
+        if autoscaler is not None:
+            if "candidates" not in inspect.signature(router.choose).parameters:
+                raise ScenarioError("cluster.router", f"router {type(router).__name__} cannot "
+                                    "choose among a changing set of workers",
+                                    "add a `candidates` parameter to its choose() (see "
+                                    "sim/router.py) or run without a planner")
+            autoscaler.attach(self)
         self.trace = trace
         self._dense = dense_hash_ids
         self.closed_loop = closed_loop
@@ -216,12 +232,36 @@ class Cluster:
         self.requests.append(req)
         return req
 
-    def _route(self, req: Request, now: float) -> None:
+    def _route(self, req: Request, now: float, parked: bool = False) -> None:
         workers = self.workers
+        scaler = self.autoscaler
+        if scaler is not None:
+            if not parked:  # a parked request was counted when it arrived
+                scaler.on_arrival(req)
+            cands = scaler.candidates
+            if not cands:
+                self._parked.append(req)
+                return
+            if self.router.state_dependent:
+                for i in cands:
+                    workers[i].sync(now)
+            chosen = self.router.choose(req, self.engines, candidates=cands)
+            workers[chosen].submit(req, now)
+            return
         if self.router.state_dependent:
             for w in workers:
                 w.sync(now)
         workers[self.router.choose(req, self.engines)].submit(req, now)
+
+    def unpark(self, now: float) -> None:
+        """A worker became ready: route the requests that arrived while none was."""
+        parked, self._parked = self._parked, []
+        for req in parked:
+            self._route(req, now, parked=True)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._num_total - self._num_done
 
     def _open_loop(self, _ev: simpy.Event) -> None:
         self.counter.events += 1
@@ -247,6 +287,8 @@ class Cluster:
         done_hook = getattr(self.router, "on_done", None)  # optional router hook
         if done_hook is not None:
             done_hook(req, now)
+        if self.autoscaler is not None:
+            self.autoscaler.on_done(req, now)
         self._num_done += 1
         if self._progress is not None and (self._num_done >= self._next_report
                                            or self._num_done == self._num_total):
@@ -268,6 +310,8 @@ class Cluster:
                         self._release(0.0)
 
                 _at(self.env, 0.0, ARRIVAL_PRIORITY, start)
+            if self.autoscaler is not None:
+                self.autoscaler.start()
         self.env.run()
         self.requests.sort(key=lambda r: r.rid)
         return SimOutcome(self.requests, self.engines, self.counter.events)
