@@ -101,8 +101,6 @@ class Worker:
         """A request arrived during a run: end the run after the in-flight step."""
         last = plan.num_steps - 1
         c = int(np.searchsorted(plan.ends[:last], now, side="right"))  # steps ended by now
-        if c >= last:
-            return  # the in-flight step is the last one anyway
         if c > 0 and plan.ends[c - 1] == now:
             # step c has not been decided yet in step-by-step terms: stop here
             self.engine.truncate(plan, c)
@@ -112,6 +110,8 @@ class Worker:
             assert not done, "a decode run completes requests only in its last step"
             self._want_schedule(now)
             return
+        if c >= last:
+            return  # the in-flight step is the last one anyway
         # the steps before the cut are committed with the rest when the run ends
         self.engine.truncate(plan, c + 1)
         self._arm_end(plan)

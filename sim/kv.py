@@ -46,8 +46,12 @@ free-queue stamp: still the one they got when freed).
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .offload import OffloadTiers
 
 NO_KEY = -1
 
@@ -79,6 +83,8 @@ class BlockPool:
         self.num_free = 0
         self._append_free(ids)
         self.num_evicted = 0
+        # offload tiers below this pool (sim.offload): evicted prefix blocks go down
+        self.lower: OffloadTiers | None = None
 
     # ------------------------------------------------------------------ queue
     def _append_free(self, ids: np.ndarray) -> None:
@@ -146,7 +152,13 @@ class BlockPool:
         ids = self._pop_free(n)
         self.ref[ids] = 1
         key = self.blk_key
-        self.num_evicted += int(np.count_nonzero(key[ids] != NO_KEY))
+        old = key[ids]
+        evicted = old != NO_KEY
+        n_ev = int(np.count_nonzero(evicted))
+        if n_ev:
+            self.num_evicted += n_ev
+            if self.lower is not None:
+                self.lower.store(old[evicted])
         key[ids] = NO_KEY
         out: list[int] = ids.tolist()
         return out
@@ -186,6 +198,8 @@ class BlockPool:
             fs[b] = 0
             ref[b] = 1
             if key[b] != NO_KEY:
+                if self.lower is not None:
+                    self.lower.store([int(key[b])])
                 key[b] = NO_KEY
                 self.num_evicted += 1
         return out

@@ -69,7 +69,7 @@ class StepPlan:
     """What one step (or one fast-forward run of identical decode steps) does."""
 
     __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "handed",
-                 "k_done",
+                 "k_done", "load_s",
                  "num_d",
                  "num_p", "num_steps", "preempted", "requests", "scheduled", "seqs_p",
                  "start_s", "used", "waiting_len", "work_p")
@@ -92,6 +92,7 @@ class StepPlan:
         self.num_d = 0  # decoding sequences
         self.ctx_d = 0  # their context tokens, new token included
         self.waiting_len = 0
+        self.load_s = 0.0  # KV loaded back from offload tiers during this step
         # fast-forward run only: its requests, and one event per block it needs
         # (step index within the run, index of the request), in allocation order
         self.requests: list[Request] = []
@@ -131,6 +132,8 @@ class VllmEngine:
         self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0
         self.num_prefix_query_tokens = 0
+        self.num_offload_hit_tokens = 0  # prompt tokens loaded back from offload tiers
+        self._fragile_refusal = False
         self._rejected: list[Request] = []
         self._held: dict[int, list[int]] = {}  # rid -> blocks kept for a KV handoff
         self._watermark_blocks = int(config.watermark * self.pool.num_usable)
@@ -215,17 +218,22 @@ class VllmEngine:
         cfg = self.config
         pool = self.pool
         bs = cfg.block_size
+        self._fragile_refusal = False
         while self.waiting and budget > 0:
             if len(self.running) >= cfg.max_num_seqs:
                 return True
             req = self.waiting[0]
             hit = self._lookup(req)
             computed = int(hit.size) * bs
+            low: list[int] = []  # tiers of the blocks found below the GPU (offload)
             if req.remote_kv_tokens > computed:
                 # disaggregated decode: the prompt's KV arrived from a prefill worker
                 # (blocks this worker lacked were transferred); only the first
                 # sampled token's KV is left to compute
                 computed = req.remote_kv_tokens
+            elif pool.lower is not None and pool.enable_caching:
+                low = self._lower_hits(req, int(hit.size))
+                computed += len(low) * bs
             n = req.num_tokens - computed
             if 0 < cfg.long_prefill_token_threshold < n:
                 n = cfg.long_prefill_token_threshold
@@ -246,6 +254,10 @@ class VllmEngine:
                                          f"{pool.num_usable} usable")
                     self._rejected.append(req)
                     continue
+                # a refusal that a decode run's block allocations can overturn: they
+                # may evict this request's free cached blocks (fewer to take back)
+                # or, with offload tiers, put blocks it lacks into a tier
+                self._fragile_refusal = evictable > 0 or pool.lower is not None
                 return True
             self.waiting.popleft()
             pool.touch(hit)
@@ -255,13 +267,30 @@ class VllmEngine:
                 req.num_cached_tokens = computed
                 self.num_prefix_hit_tokens += computed
                 self.num_prefix_query_tokens += req.num_tokens
+                self.num_offload_hit_tokens += len(low) * bs
             plan.add(req, n)
+            if low:  # read the tiers' copies before this admission's own evictions
+                assert pool.lower is not None
+                low_keys = self._layout(req).keys[hit.size:hit.size + len(low)]
+                plan.load_s += pool.lower.load(low_keys, low)
             self._grow(req, n, cdiv(computed + n, bs) - int(hit.size))
             if req.remote_kv_tokens:
                 self._cache_transferred(req, int(hit.size))
+            if low:  # the loaded blocks are indexed on the GPU again
+                pool.cache(np.asarray(req.blocks[hit.size:hit.size + len(low)],
+                                      dtype=np.int64), low_keys)
             self.running.append(req)
             budget -= n
         return True
+
+    def _lower_hits(self, req: Request, num_hit: int) -> list[int]:
+        """Tiers of the prompt blocks after the GPU hit that an offload tier holds."""
+        assert self.pool.lower is not None
+        layout = self._layout(req)
+        limit = min(layout.num_hashed, (req.num_tokens - 1) // self.config.block_size)
+        if num_hit >= limit:
+            return []
+        return self.pool.lower.match(layout.keys[num_hit:limit])
 
     def _cache_transferred(self, req: Request, num_hit: int) -> None:
         """Index the full prompt blocks that came with a KV handoff (as vLLM caches
@@ -350,7 +379,7 @@ class VllmEngine:
         plan.waiting_len = len(self.waiting)
         used0 = self.pool.num_used
         if (self.fast_forward and plan.num_p == 0 and not plan.preempted and refused
-                and len(plan.scheduled) == len(self.running)):
+                and len(plan.scheduled) == len(self.running) and not plan.load_s):
             k = self._plan_run(plan)
             if k <= 1:
                 plan.num_steps = 1
@@ -362,6 +391,7 @@ class VllmEngine:
                 plan.used = [used0]
                 return
         dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
+        dt += plan.load_s
         plan.ends = [now + dt]
         plan.used = [used0]
 
@@ -395,6 +425,8 @@ class VllmEngine:
         free = self.pool.num_free
         # the first event that cannot get a block ends the run before its step
         k = k_done if len(ev_steps) <= free else ev_steps[free]
+        if self._fragile_refusal and ev_steps:
+            k = min(k, ev_steps[0])  # decide again once the run has taken a block
         plan.requests = list(reqs)
         plan.k_done = k_done
         plan.ev_steps = ev_steps
