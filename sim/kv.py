@@ -250,6 +250,18 @@ class BlockPool:
             return cand
         return cand[: int(np.argmin(ok))]
 
+    def num_cached_prefix(self, keys: np.ndarray) -> int:
+        """Length of the longest leading run of ``keys`` found in the cache (``lookup``'s
+        size), with a scalar check of the first key: a router asks every worker, and
+        most hold none of a request's prefix."""
+        if not self.enable_caching or keys.size == 0:
+            return 0
+        k0 = int(keys[0])
+        b0 = int(self._index[k0])
+        if b0 < 0 or self.blk_key[b0] != k0:
+            return 0
+        return int(self.lookup(keys).size)
+
     # ------------------------------------------------------------------ views
     @property
     def num_usable(self) -> int:

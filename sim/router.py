@@ -87,7 +87,7 @@ def _vllm_cached_tokens(engine: VllmEngine, req: Request, memo: dict[Any, Any]) 
     keys = memo.get((bs, hbt))
     if keys is None:
         keys = memo[(bs, hbt)] = PrefixLayout(req.hash_ids, req.prompt_tokens, bs, hbt).keys
-    return int(pool.lookup(keys).size) * bs
+    return pool.num_cached_prefix(keys) * bs
 
 
 def num_outstanding(view: WorkerView) -> int:
@@ -328,6 +328,7 @@ class KvAware:
         self._expiry = np.full((num_workers, 0), -np.inf)  # approx view
         self._last: tuple[np.ndarray, ...] | None = None
         self._units: tuple[int, int] | None = None  # (router block tokens, hash block tokens)
+        self._cached_tokens: list[Callable[[Request, dict[Any, Any]], int]] = []
 
     # ----------------------------------------------------------------- decision
     def choose(self, req: Request, engines: Sequence[Any],
@@ -342,9 +343,12 @@ class KvAware:
         ids = np.arange(len(engines)) if candidates is None else np.asarray(candidates)
         keys: np.ndarray | None = None
         if self.view == "exact":
+            if len(self._cached_tokens) != len(engines):  # built once (again as a fleet grows)
+                self._cached_tokens = [worker_view(e).cached_tokens for e in engines]
             memo: dict[Any, Any] = {}
-            overlap = np.fromiter((worker_view(engines[int(i)]).cached_tokens(req, memo) // bs
-                                   for i in ids), dtype=np.int64, count=len(ids))
+            fns = self._cached_tokens
+            overlap = np.fromiter((fns[i](req, memo) // bs for i in ids.tolist()),
+                                  dtype=np.int64, count=len(ids))
         else:
             keys = PrefixLayout(req.hash_ids, req.prompt_tokens, bs, hbt).keys
             overlap = self._approx_overlap(keys, now)[ids]

@@ -134,6 +134,7 @@ class VllmEngine:
         self.num_prefix_query_tokens = 0
         self.num_offload_hit_tokens = 0  # prompt tokens loaded back from offload tiers
         self._fragile_refusal = False
+        self.preemption_log: list[tuple[float, int]] = []  # (time, request id), for timelines
         self._rejected: list[Request] = []
         self._held: dict[int, list[int]] = {}  # rid -> blocks kept for a KV handoff
         self._watermark_blocks = int(config.watermark * self.pool.num_usable)
@@ -165,6 +166,8 @@ class VllmEngine:
         refused = True
         if not plan.preempted:
             refused = self._schedule_waiting(plan, budget)
+        else:
+            self.preemption_log.extend((now, r.rid) for r in plan.preempted)
         if not plan.scheduled:
             return None
         self._time(plan, now, refused)
