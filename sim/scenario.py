@@ -18,14 +18,16 @@ import reprlib
 from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StrictBool,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -38,6 +40,8 @@ from .timing import TimingProfile
 from .workload import SyntheticSpec
 
 AUTO_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len")
+SGLANG_AUTO_FIELDS = ("max_running_requests", "max_total_tokens", "chunked_prefill_size",
+                      "mem_fraction_static", "max_model_len")
 
 
 def _auto(v: Any) -> Any:
@@ -105,6 +109,49 @@ class VllmEngineSpec(_Model):
     _auto_fields = field_validator(*AUTO_FIELDS, mode="before")(_auto)
 
 
+class SglangEngineSpec(_Model):
+    """`python -m sglang.launch_server` knobs (reference §B.6, v0.5.x); None: auto."""
+
+    kind: Literal["sglang"] = "sglang"
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64)
+    max_running_requests: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_total_tokens: int | None = Field(default=None, ge=2, le=100_000_000)
+    # -1 disables chunked prefill, as SGLang's flag does
+    chunked_prefill_size: int | None = Field(default=None, ge=-1, le=1_000_000)
+    max_prefill_tokens: int = Field(default=16384, ge=1, le=10_000_000)
+    schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
+    enable_mixed_chunk: StrictBool = False
+    schedule_conservativeness: float = Field(default=1.0, gt=0, le=100)
+    disable_radix_cache: StrictBool = False
+    radix_eviction_policy: Literal["lru", "lfu", "fifo"] = "lru"
+    page_size: int = Field(default=1, ge=1, le=4096)
+    mem_fraction_static: float | None = Field(default=None, gt=0, le=1)
+    max_model_len: int | None = Field(default=None, ge=1)  # --context-length
+    ignore_eos: StrictBool = True
+
+    _auto_fields = field_validator(*SGLANG_AUTO_FIELDS, mode="before")(_auto)
+
+    @field_validator("chunked_prefill_size")
+    @classmethod
+    def _chunk_not_zero(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("must be >= 1, or -1 to disable chunked prefill")
+        return v
+
+
+def _engine_kind(v: Any) -> str:
+    # `kind` may be left out: vllm, as before SGLang was added
+    if isinstance(v, dict):
+        return str(v.get("kind", "vllm"))
+    return str(getattr(v, "kind", "vllm"))
+
+
+ENGINE_SPECS: dict[str, type[BaseModel]] = {"vllm": VllmEngineSpec, "sglang": SglangEngineSpec}
+EngineSpec = Annotated[Annotated[VllmEngineSpec, Tag("vllm")]
+                       | Annotated[SglangEngineSpec, Tag("sglang")],
+                       Discriminator(_engine_kind)]
+
+
 class TimingSpec(_Model):
     kind: Literal["roofline"] = "roofline"
     # a fitted profile: a bundled name (sim/data/profiles) or a profile YAML's path
@@ -137,7 +184,7 @@ class Scenario(_Model):
     model: str = Field(min_length=1)
     gpu: str = Field(min_length=1)
     dtype: Literal["bf16", "fp16", "fp8"] = "bf16"
-    engine: VllmEngineSpec = Field(default_factory=VllmEngineSpec)
+    engine: EngineSpec = Field(default_factory=VllmEngineSpec)
     timing: TimingSpec = Field(default_factory=TimingSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
@@ -372,17 +419,28 @@ def _explain(e: ValidationError, name: str, lines: Lines,
     # a misspelt key also makes its real name "missing": report the cause
     err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     loc = tuple(str(x) for x in err["loc"])
+    tag = None
+    if len(loc) >= 2 and loc[0] == "engine" and loc[1] in ENGINE_SPECS:
+        tag = loc[1]  # the discriminated union's tag: not a key of the file
+        loc = loc[:1] + loc[2:]
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        loc = (*loc, "kind")
+        field = one_line(".".join(loc))
+        return ScenarioError(_where(loc, name, lines, overridden),
+                             f"{field} = {_SHOW.repr(err.get('ctx', {}).get('tag'))}: must be one "
+                             f"of {', '.join(ENGINE_SPECS)}",
+                             f"set {field} to one of {', '.join(ENGINE_SPECS)}")
     field = one_line(".".join(loc))
     where = _where(loc, name, lines, overridden)
-    kind = err["type"]
     if kind == "extra_forbidden":
         return ScenarioError(where, f"unknown key {field!r}",
-                             f"remove it or use one of: {', '.join(_valid_keys(loc[:-1]))}")
+                             f"remove it or use one of: {', '.join(_valid_keys(loc[:-1], tag))}")
     if kind == "missing":
         return ScenarioError(where, f"{field} is missing", f"add {field}")
     shown = _SHOW.repr(err.get("input"))
     if kind in ("model_type", "dict_type"):
-        keys = _valid_keys(loc)
+        keys = _valid_keys(loc, tag)
         return ScenarioError(where, f"{field} = {shown}: must be a section of keys",
                              f"write {field}: as key: value lines"
                              + (f" ({', '.join(keys)})" if keys else ""))
@@ -392,7 +450,7 @@ def _explain(e: ValidationError, name: str, lines: Lines,
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
         msg = f"must be {op} {_num(err.get('ctx', {}).get(key))}"
-    allowed = _allowed(loc) or "a valid value"
+    allowed = _allowed(loc, tag) or "a valid value"
     return ScenarioError(where, f"{field} = {shown}: {msg}", f"set {field} to {allowed}")
 
 
@@ -404,7 +462,7 @@ def _num(x: Any) -> str:
     return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
 
 
-def _field(loc: tuple[str, ...]) -> Any:
+def _field(loc: tuple[str, ...], tag: str | None = None) -> Any:
     """The FieldInfo at a dotted location, or None where loc leaves the models."""
     model: type[BaseModel] | None = Scenario
     f = None
@@ -412,28 +470,31 @@ def _field(loc: tuple[str, ...]) -> Any:
         f = model.model_fields.get(part) if model is not None else None
         if f is None:
             return None
-        model = _section(f.annotation)
+        model = _section(f.annotation, tag)
     return f
 
 
-def _section(annotation: Any) -> type[BaseModel] | None:
+def _section(annotation: Any, tag: str | None = None) -> type[BaseModel] | None:
+    """The section model of a field; for the engine union, the one ``tag`` names."""
+    if annotation == get_args(EngineSpec)[0]:
+        return ENGINE_SPECS[tag or "vllm"]
     for a in getattr(annotation, "__args__", ()) or (annotation,):
         if isinstance(a, type) and issubclass(a, BaseModel):
             return a
     return None
 
 
-def _valid_keys(loc: tuple[str, ...]) -> list[str]:
+def _valid_keys(loc: tuple[str, ...], tag: str | None = None) -> list[str]:
     model: type[BaseModel] | None = Scenario
     if loc:
-        f = _field(loc)
-        model = _section(f.annotation) if f is not None else None
+        f = _field(loc, tag)
+        model = _section(f.annotation, tag) if f is not None else None
     return sorted(model.model_fields) if model is not None else []
 
 
-def _allowed(loc: tuple[str, ...]) -> str:
+def _allowed(loc: tuple[str, ...], tag: str | None = None) -> str:
     """What a field accepts, from its declaration: 'an integer >= 1 and <= 64, or auto'."""
-    f = _field(loc)
+    f = _field(loc, tag)
     if f is None:
         return ""
     args = set(getattr(f.annotation, "__args__", ()) or (f.annotation,))
@@ -444,7 +505,7 @@ def _allowed(loc: tuple[str, ...]) -> str:
     bounds = [f"{op} {_num(getattr(m, key))}" for m in f.metadata
               for op, key in _BOUNDS.values() if hasattr(m, key)]
     text = " ".join(x for x in (what, " and ".join(bounds)) if x)
-    if loc[-1] in AUTO_FIELDS:
+    if loc[-1] in (SGLANG_AUTO_FIELDS if tag == "sglang" else AUTO_FIELDS):
         text += ", or auto"
     return text
 

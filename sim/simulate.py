@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from .catalog import GpuSpec, ModelSpec, load_gpu, load_model
 from .cluster import Cluster, SimOutcome
+from .engines.sglang import SglangConfig, SglangEngine, new_token_ratio_defaults
 from .engines.vllm import VllmConfig, VllmEngine
 from .errors import ConfigError, InputError, ScenarioError, TraceError
 from .kv import dense_hash_ids
 from .metrics import Records, build_records, engine_summary, summarize
 from .profiles import bundled_profiles, describe, find_profile, read_profile
 from .router import make_router
-from .scenario import LoadedScenario, VllmEngineSpec
+from .scenario import LoadedScenario, SglangEngineSpec, VllmEngineSpec
 from .timing import RooflineTiming, TimingModel, TimingProfile
 from .workload import ClosedLoop, Trace, load_trace, synthesize
 
@@ -34,7 +35,7 @@ class Resolved:
     trace: Trace
     model: ModelSpec
     gpu: GpuSpec
-    engine: VllmConfig
+    engine: VllmConfig | SglangConfig
     timing: TimingModel
     closed_loop: ClosedLoop | None
     kv_capacity_note: str
@@ -162,6 +163,96 @@ def resolve_engine(spec: VllmEngineSpec, model: ModelSpec, gpu: GpuSpec, dtype: 
     return cfg, note
 
 
+def sglang_memory_defaults(gpu: GpuSpec, tp: int) -> tuple[int, int]:
+    """(chunked_prefill_size, cuda_graph_max_bs) as SGLang picks them by GPU memory.
+
+    Reference §B.6 (sglang/srt/arg_groups/memory_hook.py @ v0.5.23): chunk
+    <20 GB 2048, <60 GB 4096, <160 GB 8192, else 16384; graph batch 256 at
+    TP < 4 and 512 from TP 4 on 80-160 GB GPUs."""
+    mem = gpu.hbm_capacity_bytes / 1e9
+    chunk = 2048 if mem < 20 else 4096 if mem < 60 else 8192 if mem < 160 else 16384
+    graph_bs = 512 if tp >= 4 and 80 <= mem < 160 else 256
+    return chunk, graph_bs
+
+
+def sglang_mem_fraction_static(gpu: GpuSpec, tp: int, chunk: int, max_prefill_tokens: int,
+                               graph_bs: int) -> float:
+    """--mem-fraction-static auto: (GPU memory - reserved) / GPU memory, in MiB.
+
+    sgl-project/sglang:python/sglang/srt/server_args.py @ v0.5.x
+    (_handle_gpu_memory_settings; sgl-project/sglang#10975): reserved = 512 +
+    1.5 x max(chunk, 2048) (max_prefill_tokens when chunking is off) + 2 x graph
+    batch + TP x PP / 8 x 1024, at least 10 GiB on GPUs over 60 GiB."""
+    gpu_mib = gpu.hbm_capacity_bytes / 2**20
+    reserved = 512 + max(chunk if chunk > 0 else max_prefill_tokens, 2048) * 1.5
+    reserved += graph_bs * 2 + tp / 8 * 1024
+    if gpu_mib > 60 * 1024:
+        reserved = max(reserved, 10 * 1024)
+    return round((gpu_mib - reserved) / gpu_mib, 3)
+
+
+def resolve_sglang_engine(spec: SglangEngineSpec, model: ModelSpec, gpu: GpuSpec, dtype: str,
+                          where: str) -> tuple[SglangConfig, str]:
+    tp = spec.tensor_parallel_size
+    try:
+        model.check_tp(tp)
+    except ConfigError as e:
+        raise ScenarioError(where, f"engine.tensor_parallel_size = {tp}: {e}",
+                            "choose a TP size that divides the model's (KV) head count") from None
+    chunk_default, graph_bs = sglang_memory_defaults(gpu, tp)
+    chunk = spec.chunked_prefill_size if spec.chunked_prefill_size is not None else chunk_default
+    max_model_len = spec.max_model_len or model.max_position_embeddings
+    kv_per_token = model.kv_bytes_per_token(kv_dtype_for(dtype), tp)
+    if spec.max_total_tokens is not None:
+        tokens = spec.max_total_tokens
+        note = f"{tokens} tokens (max_total_tokens)"
+    else:
+        frac = spec.mem_fraction_static or sglang_mem_fraction_static(
+            gpu, tp, chunk, spec.max_prefill_tokens, graph_bs)
+        weights = model.weight_bytes(dtype, tp)
+        avail = gpu.hbm_capacity_bytes * frac - weights
+        tokens = int(avail // kv_per_token) if avail > 0 else 0
+        tokens -= tokens % spec.page_size
+        note = (f"{tokens} tokens = ({gpu.hbm_capacity_bytes / GiB:.1f} GiB x mem_fraction_static "
+                f"{frac} - weights {weights / GiB:.2f} GiB) / {kv_per_token / 1024:.1f} KiB")
+        if tokens < 2:
+            raise ConfigError(f"{where}: no memory left for the KV cache on {gpu.name} at TP {tp} "
+                              f"({note}). Fix: use more GPUs per worker (TP), a larger GPU, "
+                              "fp8 weights, or a higher mem_fraction_static")
+    if tokens < max_model_len:
+        if spec.max_model_len is None:
+            max_model_len = tokens
+            note += f"; max_model_len lowered to {tokens} to fit the KV cache"
+        else:
+            raise ConfigError(f"{where}: engine.max_model_len = {max_model_len} needs that many "
+                              f"KV tokens but only {tokens} fit ({note}). Fix: lower "
+                              "max_model_len or use a larger TP/GPU")
+    running = spec.max_running_requests
+    if running is None:
+        # reference §B.6 (mem_cache/kv_cache_configurator.py @ v0.5.23)
+        running = int(min(min(max(tokens / max_model_len * 512, 2048), 4096), tokens // 2))
+        running = max(running, 1)
+    init, low, decay = new_token_ratio_defaults(spec.schedule_conservativeness)
+    cfg = SglangConfig(
+        max_running_requests=running,
+        max_total_tokens=tokens,
+        chunked_prefill_size=chunk,
+        max_prefill_tokens=spec.max_prefill_tokens,
+        schedule_policy=spec.schedule_policy,
+        enable_mixed_chunk=spec.enable_mixed_chunk,
+        schedule_conservativeness=spec.schedule_conservativeness,
+        init_new_token_ratio=init,
+        new_token_ratio_decay=decay,
+        min_new_token_ratio=low,
+        enable_prefix_caching=not spec.disable_radix_cache,
+        radix_eviction_policy=spec.radix_eviction_policy,
+        page_size=spec.page_size,
+        max_model_len=max_model_len,
+        ignore_eos=spec.ignore_eos,
+    )
+    return cfg, note
+
+
 def kv_dtype_for(dtype: str) -> str:
     """vLLM's kv_cache_dtype "auto": the model's activation dtype; FP8 checkpoints
     keep a 16-bit KV cache unless --kv-cache-dtype says otherwise."""
@@ -252,7 +343,12 @@ def resolve(loaded: LoadedScenario) -> Resolved:
     sc = loaded.scenario
     model = load_model(sc.model)
     gpu = load_gpu(sc.gpu)
-    engine, note = resolve_engine(sc.engine, model, gpu, sc.dtype, loaded.where("engine"))
+    engine: VllmConfig | SglangConfig
+    if isinstance(sc.engine, SglangEngineSpec):
+        engine, note = resolve_sglang_engine(sc.engine, model, gpu, sc.dtype,
+                                             loaded.where("engine"))
+    else:
+        engine, note = resolve_engine(sc.engine, model, gpu, sc.dtype, loaded.where("engine"))
     profile, timing_note = resolve_profile(loaded)
     timing = RooflineTiming(model, gpu, sc.engine.tensor_parallel_size, sc.dtype, profile,
                             kv_dtype=kv_dtype_for(sc.dtype))
@@ -268,8 +364,14 @@ def simulate(resolved: Resolved, fast_forward: bool | None = None,
     ff = sc.simulation.fast_forward if fast_forward is None else fast_forward
     trace = resolved.trace
     dense, num_ids = dense_hash_ids(trace.hash_ids)
-    engines = [VllmEngine(resolved.engine, resolved.timing, trace.hash_block_tokens, num_ids,
-                          fast_forward=ff) for _ in range(sc.cluster.num_workers)]
+    cfg = resolved.engine
+    engines: list[VllmEngine] | list[SglangEngine]
+    if isinstance(cfg, SglangConfig):
+        engines = [SglangEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids)
+                   for _ in range(sc.cluster.num_workers)]
+    else:
+        engines = [VllmEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids,
+                              fast_forward=ff) for _ in range(sc.cluster.num_workers)]
     rng = np.random.default_rng(np.random.SeedSequence(sc.seed).spawn(2)[1])
     try:
         router = make_router(sc.cluster.router.kind, sc.cluster.router.params(),
@@ -277,8 +379,19 @@ def simulate(resolved: Resolved, fast_forward: bool | None = None,
     except TypeError as e:
         raise ScenarioError(resolved.loaded.where("cluster", "router"),
                             f"cluster.router: {e}", "check the router's parameters") from None
-    outcome = Cluster(engines, router, trace, dense, resolved.closed_loop, progress).run()
+    # the cluster is typed for vLLM engines; an SglangEngine has the same interface
+    outcome = Cluster(cast(list[VllmEngine], engines), router, trace, dense,
+                      resolved.closed_loop, progress).run()
     records = build_records(outcome)
     summary = summarize(records)
     summary["engine"] = engine_summary(outcome, summary["duration_s"])
+    if isinstance(cfg, SglangConfig):
+        # SGLang-only counters (retractions, lpm -> fcfs fallbacks): never silent
+        per = [e.summary() for e in engines if isinstance(e, SglangEngine)]
+        summary["engine"]["sglang"] = {
+            "num_retractions": sum(p["num_retractions"] for p in per),
+            "num_lpm_fallbacks": sum(p["num_lpm_fallbacks"] for p in per),
+            "schedule_policy": per[0]["schedule_policy"],
+            "schedule_policy_effective": per[0]["schedule_policy_effective"],
+        }
     return SimResult(resolved, outcome, records, summary)

@@ -31,13 +31,13 @@ import itertools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
 from ..catalog import load_model
 from ..errors import InputError, ScenarioError
-from ..scenario import Scenario, validate_scenario
+from ..scenario import ENGINE_SPECS, EngineSpec, Scenario, validate_scenario
 
 LATENCY_METRICS = ("ttft_s", "tpot_s", "itl_s", "e2e_s")
 PERCENTILE_KEYS = ("mean", "p50", "p90", "p99")
@@ -195,23 +195,28 @@ def _values(spec: Any, name: str, where: str) -> tuple[Any, ...]:
                         "{log_range: [lo, hi], num: n}")
 
 
-def _field_exists(dotted: str) -> bool:
-    model: Any = Scenario
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            # the router takes its own parameters (extra keys)
-            return model.__name__ == "RouterSpec" and i == len(parts) - 1
-        ann = fields[part].annotation
-        sub = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
-               and issubclass(a, BaseModel)]
-        if i < len(parts) - 1:
-            if not sub:
-                # a free-form mapping (timing.profile, workload.synthetic) takes any key
-                return ann is not None and "dict" in str(ann)
-            model = sub[0]
-    return True
+def _models(annotation: Any) -> list[Any]:
+    """The section models a field may hold (both engine specs for the engine union)."""
+    if annotation == get_args(EngineSpec)[0]:
+        return list(ENGINE_SPECS.values())
+    return [a for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _field_exists(dotted: str, model: Any = Scenario) -> bool:
+    part, _, rest = dotted.partition(".")
+    fields = model.model_fields
+    if part not in fields:
+        # the router takes its own parameters (extra keys)
+        return bool(model.__name__ == "RouterSpec" and not rest)
+    if not rest:
+        return True
+    ann = fields[part].annotation
+    sub = _models(ann)
+    if not sub:
+        # a free-form mapping (timing.profile, workload.synthetic) takes any key
+        return ann is not None and "dict" in str(ann)
+    return any(_field_exists(rest, m) for m in sub)
 
 
 def _field_fix(dotted: str) -> str:
@@ -235,8 +240,7 @@ def _sub_model(model: Any, part: str) -> Any:
     f = model.model_fields.get(part)
     if f is None:
         return None
-    sub = [a for a in getattr(f.annotation, "__args__", (f.annotation,))
-           if isinstance(a, type) and issubclass(a, BaseModel)]
+    sub = _models(f.annotation)
     return sub[0] if sub else None
 
 

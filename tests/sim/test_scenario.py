@@ -196,8 +196,9 @@ def test_out_of_range_names_line_field_value_rule_and_fix(tmp_path: Path) -> Non
         ("  enable_prefix_caching: 1",
          "engine.enable_prefix_caching = 1: must be a valid boolean. "
          "Fix: set engine.enable_prefix_caching to true or false"),
-        ("  kind: sglang",
-         "engine.kind = 'sglang': must be 'vllm'. Fix: set engine.kind to one of vllm"),
+        ("  kind: tgi",
+         "engine.kind = 'tgi': must be one of vllm, sglang. "
+         "Fix: set engine.kind to one of vllm, sglang"),
     ],
 )
 def test_engine_field_errors(tmp_path: Path, line: str, message: str) -> None:
@@ -491,7 +492,8 @@ def test_router_kind_and_parameters(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "  router: {kind: least_loaded}\n")
     assert str(error_of(path)) == (
         f"{path}:12: cluster.router.kind = 'least_loaded': unknown router kind "
-        "'least_loaded'. Fix: use one of: round_robin"
+        "'least_loaded'. Fix: use one of: kv_aware, least_outstanding_requests, "
+        "least_outstanding_tokens, power_of_two, random, round_robin, session_affinity"
     )
     path = write(tmp_path, BASE + "  router: {kind: round_robin, overlap_weight: 1}\n")
     assert str(error_of(path)) == (
