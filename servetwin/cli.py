@@ -41,6 +41,11 @@ def _write_run(out: Path, csv: bool, result: SimResult, resolved_doc: dict[str, 
                                      result.records))
         written.append(out / "scenario.resolved.yaml")
         write_yaml(written[-1], resolved_doc)
+        if result.resolved.loaded.scenario.simulation.timeline:
+            from sim.simulate import build_timeline
+
+            written.append(out / "timeline.json.gz")
+            build_timeline(result).write(written[-1])
         written.append(out / "summary.json")
         write_summary(written[-1], result.summary)
     except OSError as e:
@@ -62,9 +67,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     resolved = resolve(loaded)
     mode = "step-by-step" if args.step_by_step else "fast-forward"
-    print(f"servetwin: {sc.name}: {len(resolved.trace):,} requests, {sc.cluster.num_workers} x "
-          f"{resolved.model.name} on {resolved.gpu.name} TP {sc.engine.tensor_parallel_size} "
-          f"({mode})", file=sys.stderr, flush=True)
+    d = sc.disaggregation
+    if d is not None and resolved.pools is not None:
+        fleet = " + ".join(f"{getattr(d, n).num_workers} {n} (TP "
+                           f"{resolved.pools[n][1].tp})" for n in ("prefill", "decode"))
+        fleet += f" x {resolved.model.name} on {resolved.gpu.name}"
+    else:
+        fleet = (f"{sc.cluster.num_workers} x {resolved.model.name} on {resolved.gpu.name} "
+                 f"TP {sc.engine.tensor_parallel_size}")
+        if sc.cluster.planner is not None:
+            fleet += " (initial fleet; planner on)"
+    print(f"servetwin: {sc.name}: {len(resolved.trace):,} requests, {fleet} ({mode})",
+          file=sys.stderr, flush=True)
     print(f"  KV cache: {resolved.kv_capacity_note}", file=sys.stderr, flush=True)
     print(f"  timing: {resolved.timing_note}", file=sys.stderr, flush=True)
     result = simulate(resolved, fast_forward=False if args.step_by_step else None,
@@ -82,7 +96,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     sim_s = result.summary["duration_s"]
     print(f"\n  simulated {sim_s:,.1f} s in {wall:.2f} s wall"
           + (f" ({sim_s / wall:,.0f}x real time)" if wall > 0 else ""))
-    print(f"  wrote {rec_path}, {out / 'summary.json'}, {out / 'scenario.resolved.yaml'}")
+    timeline = (f", {out / 'timeline.json.gz'} (open in ui.perfetto.dev)"
+                if sc.simulation.timeline else "")
+    print(f"  wrote {rec_path}, {out / 'summary.json'}, {out / 'scenario.resolved.yaml'}"
+          + timeline)
     return 0
 
 

@@ -131,6 +131,23 @@ def format_summary(summary: dict[str, Any]) -> str:
         row("KV usage mean / max", f"{100 * eng['kv_usage_mean']:.1f} % / "
             f"{100 * eng['kv_usage_max']:.1f} %")
         row("forward passes", f"{eng['num_forward_passes']:,}")
+    dis = s.get("disaggregation")
+    if dis:
+        row("KV handoffs", f"{dis['num_handoffs']:,}, {dis['handoff_bytes'] / 1e9:,.1f} GB, "
+            f"mean {1e3 * dis['handoff_s_mean']:.2f} ms")
+        busy = [v["busy_fraction"] for v in dis["links"].values()]
+        if busy:
+            row("link busy mean / max", f"{100 * sum(busy) / len(busy):.1f} % / "
+                f"{100 * max(busy):.1f} % ({len(busy)} links)")
+    off = s.get("offload")
+    if off:
+        tiers = ", ".join(f"{k} {100 * v['hit_rate']:.2f} %" for k, v in off["tiers"].items())
+        row("prefix hits by tier", f"GPU {100 * off['gpu_hit_rate']:.2f} %, {tiers}")
+    plan = s.get("planner")
+    if plan:
+        row("planner", f"{plan['num_scale_ups']} up, {plan['num_scale_downs']} down, "
+            f"at most {plan['max_workers_booked']} workers")
+        row("GPU-seconds", f"{plan['gpu_seconds']:,.0f}")
     lines.append("")
     lines.append(f"  {'latency (ms)':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
     for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"),

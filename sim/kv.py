@@ -264,6 +264,11 @@ class BlockPool:
 
     # ------------------------------------------------------------------ views
     @property
+    def num_keys(self) -> int:
+        """Size of the prefix-key space (trace blocks x slots per trace block)."""
+        return int(self._index.size)
+
+    @property
     def num_usable(self) -> int:
         return self.num_blocks - 1
 

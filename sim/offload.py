@@ -2,10 +2,10 @@
 
 A full prompt block that the GPU pool evicts (its block is reallocated) is
 written down to the first tier; a tier that is full pushes its least recently
-used block to the next tier (or drops it from the last). At admission, after
-the GPU prefix hit, the request's next blocks are looked up tier by tier
-(each block in whichever tier holds it, the run stops at the first block no
-tier holds): those blocks are loaded back into fresh GPU blocks and count as
+used blocks to the next tier (or drops them from the last). At admission, after
+the GPU prefix hit, the request's next blocks are looked up in the tiers (each
+block in whichever tier holds it; the run stops at the first block no tier
+holds): those blocks are loaded back into fresh GPU blocks and count as
 computed. A hit refreshes the block's place in its tier (LRU); the copy stays.
 
 Cost. Loading ``n`` blocks from a tier takes ``n x block_bytes / bandwidth``
@@ -17,11 +17,16 @@ connector uses it). Layer-wise overlap with compute is not modelled (the cost
 is added, an upper bound). Writes down are asynchronous there and free here.
 
 Keys are the block pool's prefix keys (``sim.kv``), so a tier's content is
-exact, block for block. Python dicts in insertion order keep the LRU order.
+exact, block for block. Like the pool, everything is numpy over a request's
+blocks: ``level[key]`` says which tier holds a key (-1: none) and each tier
+keeps an LRU queue of (key, stamp) chunks; an entry is live while the key is
+still in that tier with that stamp, so a refresh or a move leaves a tombstone
+that popping skips.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,68 +48,107 @@ class TierSpec:
 
 
 class OffloadTiers:
-    def __init__(self, tiers: list[TierSpec], block_bytes: float) -> None:
+    def __init__(self, tiers: list[TierSpec], block_bytes: float, num_keys: int) -> None:
+        if len(tiers) > 100:
+            raise ValueError("at most 100 offload tiers")
         self.specs = list(tiers)
         self.block_bytes = float(block_bytes)
-        self._held: list[dict[int, None]] = [{} for _ in tiers]
+        self.level = np.full(num_keys, -1, dtype=np.int8)
+        self.stamp = np.zeros(num_keys, dtype=np.int64)
+        self._next_stamp = 1
+        self._queues: list[deque[tuple[np.ndarray, np.ndarray]]] = [deque() for _ in tiers]
+        self.held = [0] * len(tiers)
         self.num_stored = [0] * len(tiers)
         self.num_dropped = 0
         self.hit_blocks = [0] * len(tiers)
         self.load_s = 0.0
+        self._seconds = np.array([self.block_bytes / t.bandwidth_bytes_per_s for t in tiers])
 
+    # ------------------------------------------------------------- storing
     def store(self, keys: np.ndarray | list[int]) -> None:
         """Blocks the GPU pool evicted, in eviction order, go to the first tier."""
-        for k in (keys.tolist() if isinstance(keys, np.ndarray) else keys):
-            self._put(0, k)
+        keys = np.asarray(keys, dtype=np.int64)
+        if keys.size > 1:
+            # two blocks may carry one key (a prefix computed twice): one copy goes down,
+            # at its last place in the order (as storing them one by one would leave it)
+            last = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
+            if last.size < keys.size:
+                keys = keys[np.sort(last)]
+        if keys.size:
+            self._put(0, keys)
 
-    def _put(self, level: int, key: int) -> None:
-        while True:
-            held = self._held[level]
-            if key in held:
-                del held[key]  # refreshed: moves to the most recent end
-            held[key] = None
-            self.num_stored[level] += 1
-            if len(held) <= self.specs[level].capacity_blocks:
+    def _put(self, lv: int, keys: np.ndarray) -> None:
+        while keys.size:
+            prev = self.level[keys]
+            for p in np.unique(prev[prev >= 0]).tolist():
+                self.held[p] -= int(np.count_nonzero(prev == p))  # moved or refreshed
+            stamps = np.arange(self._next_stamp, self._next_stamp + keys.size, dtype=np.int64)
+            self._next_stamp += keys.size
+            self.level[keys] = lv
+            self.stamp[keys] = stamps
+            self._queues[lv].append((keys, stamps))
+            self.held[lv] += int(keys.size)
+            self.num_stored[lv] += int(keys.size)
+            over = self.held[lv] - self.specs[lv].capacity_blocks
+            if over <= 0:
                 return
-            key = next(iter(held))  # least recently used
-            del held[key]
-            level += 1
-            if level == len(self._held):
-                self.num_dropped += 1
+            keys = self._pop_lru(lv, over)  # pushed down a tier (or dropped)
+            self.level[keys] = -1
+            self.held[lv] -= int(keys.size)
+            lv += 1
+            if lv == len(self.specs):
+                self.num_dropped += int(keys.size)
                 return
 
-    def match(self, keys: np.ndarray) -> list[int]:
+    def _pop_lru(self, lv: int, n: int) -> np.ndarray:
+        """The ``n`` least recently used live keys of tier ``lv`` (left in place)."""
+        q = self._queues[lv]
+        parts = []
+        while n:
+            ids, st = q.popleft()
+            live = (self.level[ids] == lv) & (self.stamp[ids] == st)
+            idx = np.flatnonzero(live)
+            if idx.size > n:
+                cut = int(idx[n - 1]) + 1
+                q.appendleft((ids[cut:], st[cut:]))
+                idx = idx[:n]
+            parts.append(ids[idx])
+            n -= int(idx.size)
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    # ------------------------------------------------------------- loading
+    def match(self, keys: np.ndarray) -> np.ndarray:
         """The tier of each block in the leading run of ``keys`` that some tier holds
         (no side effects: admission may still be refused)."""
-        levels: list[int] = []
-        held = self._held
-        for k in keys.tolist():
-            for level, h in enumerate(held):
-                if k in h:
-                    levels.append(level)
-                    break
-            else:
-                break
-        return levels
+        if keys.size == 0:
+            return np.empty(0, dtype=np.int8)
+        lv = self.level[keys]
+        held = lv >= 0
+        return lv if held.all() else lv[: int(np.argmin(held))]
 
-    def load(self, keys: np.ndarray, levels: list[int]) -> float:
-        """Load matched blocks back up: refresh them, count the hits, return seconds."""
-        seconds = 0.0
-        for k, level in zip(keys.tolist(), levels, strict=True):
-            h = self._held[level]
-            del h[k]
-            h[k] = None
-            self.hit_blocks[level] += 1
-            seconds += self.block_bytes / self.specs[level].bandwidth_bytes_per_s
+    def load(self, keys: np.ndarray, levels: np.ndarray) -> float:
+        """Load matched blocks back up: refresh them in their tiers, count the hits,
+        return the seconds the loads take."""
+        if keys.size == 0:
+            return 0.0
+        seconds = float(self._seconds[levels].sum())
+        for lv in np.unique(levels).tolist():
+            mine = keys[levels == lv]
+            self.hit_blocks[lv] += int(mine.size)
+            stamps = np.arange(self._next_stamp, self._next_stamp + mine.size, dtype=np.int64)
+            self._next_stamp += mine.size
+            self.stamp[mine] = stamps  # the old queue entries become tombstones
+            self._queues[lv].append((mine, stamps))
         self.load_s += seconds
         return seconds
 
+    # -------------------------------------------------------------- report
     def held_blocks(self, level: int) -> int:
-        return len(self._held[level])
+        return self.held[level]
 
     def summary(self, block_size: int) -> list[dict[str, float | int | str]]:
         return [{"tier": s.name, "capacity_blocks": s.capacity_blocks,
-                 "blocks_held": len(h), "blocks_stored": st, "hit_blocks": hb,
+                 "blocks_held": h, "blocks_stored": st, "hit_blocks": hb,
                  "hit_tokens": hb * block_size}
-                for s, h, st, hb in zip(self.specs, self._held, self.num_stored,
+                for s, h, st, hb in zip(self.specs, self.held, self.num_stored,
                                         self.hit_blocks, strict=True)]

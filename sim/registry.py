@@ -36,3 +36,7 @@ class Registry(Generic[T]):
 
     def kinds(self) -> list[str]:
         return sorted(self._items)
+
+    def unregister(self, kind: str) -> None:
+        """Remove a kind (tests that register plug-ins clean up after themselves)."""
+        self._items.pop(kind, None)

@@ -116,6 +116,8 @@ class RoundRobin:
         w = self._next
         if candidates is not None:  # the next ready worker at or after the pointer
             w = next((c for c in candidates if c >= w), candidates[0])
+            self._next = w + 1  # a fleet's worker ids only grow: no modulo
+            return w
         self._next = (w + 1) % self.num_workers
         return w
 
@@ -227,6 +229,8 @@ class SessionAffinity:
         w = self.sessions.get(key) if key is not None else None
         if w is not None and candidates is not None and w not in candidates:
             w = None  # its worker left the fleet: the session moves
+        if len(engines) > len(self.in_flight):  # the fleet grew
+            self.in_flight += [0] * (len(engines) - len(self.in_flight))
         if w is None:
             ids = _ids(engines, candidates) if candidates is not None else range(self.num_workers)
             w = ids[_argmin_first([self.in_flight[i] for i in ids])]
@@ -340,6 +344,13 @@ class KvAware:
         bs, hbt = self._units
         request_blocks = -(-req.prompt_tokens // bs)
         now = req.arrival_s
+        if len(engines) > self.num_workers:  # a planner started workers: grow the state
+            grow = len(engines) - self.num_workers
+            self.decode_blocks = np.concatenate([self.decode_blocks,
+                                                 np.zeros(grow, dtype=np.int64)])
+            self._expiry = np.vstack([self._expiry,
+                                      np.full((grow, self._expiry.shape[1]), -np.inf)])
+            self.num_workers = len(engines)
         ids = np.arange(len(engines)) if candidates is None else np.asarray(candidates)
         keys: np.ndarray | None = None
         if self.view == "exact":

@@ -168,13 +168,66 @@ class RouterSpec(_Model):
         return dict(self.model_extra or {})
 
 
+class TierSpec(_Model):
+    capacity_gib: float = Field(gt=0, le=1e7)
+    bandwidth_gb_s: float = Field(gt=0, le=1e5)  # GB/s (10^9 bytes) to load blocks back
+
+
+class OffloadSpec(_Model):
+    """KV offload below each worker's GPU pool (sim.offload): host memory, then disk."""
+
+    host: TierSpec
+    disk: TierSpec | None = None
+
+
+class PlannerSpec(_Model):
+    """Autoscaling (sim.planner, sim.autoscale); cluster.num_workers is the initial fleet."""
+
+    policy: dict[str, Any] = Field(default_factory=lambda: {"kind": "load"})
+    interval_s: float = Field(default=30.0, gt=0, le=1e6)
+    startup: dict[str, Any] = Field(default_factory=lambda: {"kind": "fixed", "delay_s": 60.0})
+    min_workers: int = Field(default=1, ge=1, le=4096)
+    max_workers: int | None = Field(default=None, ge=1, le=4096)
+    max_gpus: int | None = Field(default=None, ge=1, le=1_000_000)
+    scale_up_cooldown_s: float = Field(default=0.0, ge=0)
+    scale_down_cooldown_s: float = Field(default=0.0, ge=0)
+
+
 class ClusterSpec(_Model):
     num_workers: int = Field(default=1, ge=1, le=4096)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    offload: OffloadSpec | None = None
+    planner: PlannerSpec | None = None
+
+
+class PoolSpec(_Model):
+    num_workers: int = Field(default=1, ge=1, le=4096)
+    # fields of the top-level engine section that differ for this pool (e.g. TP)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+
+
+class LinkSpecModel(_Model):
+    bandwidth_gb_s: float = Field(gt=0, le=1e5)  # GB/s (10^9 bytes) per link
+    latency_us: float = Field(default=0.0, ge=0, le=1e9)
+    topology: Literal["per_prefill", "per_decode", "per_pair", "shared"] = "per_prefill"
+
+
+class DisaggregationSpec(_Model):
+    """Prefill and decode pools with KV handoff over links (sim.disagg); replaces
+    cluster.num_workers and cluster.router."""
+
+    prefill: PoolSpec
+    decode: PoolSpec
+    link: LinkSpecModel
 
 
 class SimulationSpec(_Model):
     fast_forward: StrictBool = True
+    # write timeline.json.gz (Chrome/Perfetto trace events) into the run folder
+    timeline: StrictBool = False
+    # merge identical consecutive decode steps beyond this many per worker (None: never)
+    timeline_max_steps_per_worker: int | None = Field(default=200_000, ge=1)
 
 
 class Scenario(_Model):
@@ -188,6 +241,7 @@ class Scenario(_Model):
     timing: TimingSpec = Field(default_factory=TimingSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     simulation: SimulationSpec = Field(default_factory=SimulationSpec)
+    disaggregation: DisaggregationSpec | None = None
     # a screening scenario's search space: validated by `servetwin screen`
     # (sim.screen.space), ignored by `servetwin simulate`
     search: dict[str, Any] | None = None
@@ -376,17 +430,88 @@ def _check_references(sc: Scenario, where: Callable[..., str]) -> None:
     except InputError as e:
         raise ScenarioError(where("timing", "profile"), one_line(f"timing.profile: {e.message}"),
                             one_line(e.fix)) from None
-    router = sc.cluster.router
+    _check_router(sc.cluster.router, ("cluster", "router"), where)
+    _check_topology(sc, where)
+
+
+def _check_router(router: RouterSpec, loc: tuple[str, ...], where: Callable[..., str]) -> None:
+    dotted = ".".join(loc)
     try:
         cls = ROUTERS.get(router.kind)
     except ScenarioError as e:
-        raise ScenarioError(where("cluster", "router", "kind"),
-                            f"cluster.router.kind = {router.kind!r}: {e.message}", e.fix) from None
+        raise ScenarioError(where(*loc, "kind"),
+                            f"{dotted}.kind = {router.kind!r}: {e.message}", e.fix) from None
     try:
         inspect.signature(cls).bind(1, None, **router.params())
     except TypeError as e:
-        raise ScenarioError(where("cluster", "router"), f"cluster.router ({router.kind}): {e}",
+        raise ScenarioError(where(*loc), f"{dotted} ({router.kind}): {e}",
                             "check the router's parameters") from None
+
+
+def _check_topology(sc: Scenario, where: Callable[..., str]) -> None:
+    """Offload, planner and disaggregation: their sub-specs and what combines."""
+    from .planner import PLANNER_POLICIES, STARTUP_DELAYS, make_startup_delay
+
+    cl = sc.cluster
+    engine_kind = getattr(sc.engine, "kind", "vllm")
+    if cl.offload is not None and engine_kind != "vllm":
+        raise ScenarioError(where("cluster", "offload"),
+                            f"cluster.offload with engine.kind = {engine_kind!r}: offload tiers "
+                            "are modelled below vLLM's block pool only",
+                            "remove cluster.offload or use engine.kind: vllm")
+    p = cl.planner
+    if p is not None:
+        kind = str(p.policy.get("kind", ""))
+        if kind not in PLANNER_POLICIES.kinds():
+            raise ScenarioError(where("cluster", "planner", "policy", "kind"),
+                                f"cluster.planner.policy.kind = {kind!r}: unknown",
+                                f"use one of: {', '.join(PLANNER_POLICIES.kinds())}")
+        skind = str(p.startup.get("kind", ""))
+        if skind not in STARTUP_DELAYS.kinds():
+            raise ScenarioError(where("cluster", "planner", "startup", "kind"),
+                                f"cluster.planner.startup.kind = {skind!r}: unknown",
+                                f"use one of: {', '.join(STARTUP_DELAYS.kinds())}")
+        try:
+            make_startup_delay(p.startup, "cluster.planner.startup")
+        except (InputError, ScenarioError) as e:
+            what = (f"cluster.planner.{e.where} = {e.message}"
+                    if e.where.startswith("startup") else
+                    f"cluster.planner.startup: {e.where}: {e.message}")
+            raise ScenarioError(where("cluster", "planner", "startup"), one_line(what),
+                                one_line(e.fix)) from None
+        if p.max_workers is None and p.max_gpus is None:
+            raise ScenarioError(where("cluster", "planner"),
+                                "cluster.planner: neither max_workers nor max_gpus is given",
+                                "bound the fleet: set max_workers or max_gpus")
+        if p.max_workers is not None and p.max_workers < max(p.min_workers, 1):
+            raise ScenarioError(where("cluster", "planner", "max_workers"),
+                                f"cluster.planner.max_workers = {p.max_workers}: must be >= "
+                                f"min_workers {p.min_workers}", "raise max_workers")
+    d = sc.disaggregation
+    if d is None:
+        return
+    if engine_kind != "vllm":
+        raise ScenarioError(where("disaggregation"),
+                            f"disaggregation with engine.kind = {engine_kind!r}: the KV handoff "
+                            "is modelled for vLLM engines only", "use engine.kind: vllm")
+    if p is not None or cl.offload is not None:
+        which = "cluster.planner" if p is not None else "cluster.offload"
+        raise ScenarioError(where("disaggregation"),
+                            f"disaggregation with {which}: not modelled together",
+                            f"remove {which} or disaggregation")
+    for pool in ("prefill", "decode"):
+        spec: PoolSpec = getattr(d, pool)
+        _check_router(spec.router, ("disaggregation", pool, "router"), where)
+        merged = {**sc.engine.model_dump(), **spec.engine}
+        try:
+            VllmEngineSpec.model_validate(merged)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(x) for x in err["loc"])
+            raise ScenarioError(where("disaggregation", pool, "engine", *map(str, err["loc"])),
+                                f"disaggregation.{pool}.engine.{key} = "
+                                f"{_SHOW.repr(err.get('input'))}: {err['msg']}",
+                                "give a valid vLLM engine field (see engine:)") from None
 
 
 def _override_keys(overrides: list[str]) -> list[tuple[str, ...]]:

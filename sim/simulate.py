@@ -13,16 +13,21 @@ from typing import Any, cast
 
 import numpy as np
 
+from .autoscale import Autoscaler
 from .catalog import GpuSpec, ModelSpec, load_gpu, load_model
 from .cluster import Cluster, SimOutcome
+from .disagg import DisaggCluster, LinkSpec
 from .engines.sglang import SglangConfig, SglangEngine, new_token_ratio_defaults
 from .engines.vllm import VllmConfig, VllmEngine
 from .errors import ConfigError, InputError, ScenarioError, TraceError
 from .kv import dense_hash_ids
 from .metrics import Records, build_records, engine_summary, summarize
+from .offload import OffloadTiers, TierSpec
+from .planner import Planner, PlannerLimits, TimingCapacity, make_policy, make_startup_delay
 from .profiles import bundled_profiles, describe, find_profile, read_profile
 from .router import make_router
-from .scenario import LoadedScenario, SglangEngineSpec, VllmEngineSpec
+from .scenario import LoadedScenario, SglangEngineSpec, VllmEngineSpec, one_line
+from .timeline import Timeline
 from .timing import RooflineTiming, TimingModel, TimingProfile
 from .workload import ClosedLoop, Trace, load_trace, synthesize
 
@@ -40,10 +45,12 @@ class Resolved:
     closed_loop: ClosedLoop | None
     kv_capacity_note: str
     timing_note: str = "analytic prior (sim/timing.py TimingProfile defaults)"
+    # disaggregated prefill/decode: per pool, its engine knobs, timing and KV note
+    pools: dict[str, tuple[VllmConfig, TimingModel, str]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         e = self.engine
-        return {
+        out = {
             "model": self.model.name,
             "gpu": self.gpu.name,
             "num_requests": len(self.trace),
@@ -52,6 +59,11 @@ class Resolved:
             "kv_capacity": self.kv_capacity_note,
             "timing": self.timing_note,
         }
+        if self.pools:
+            out["pools"] = {name: {"engine": {f: getattr(c, f) for f in c.__dataclass_fields__},
+                                   "kv_capacity": note}
+                            for name, (c, _, note) in self.pools.items()}
+        return out
 
 
 @dataclass
@@ -60,6 +72,9 @@ class SimResult:
     outcome: SimOutcome
     records: Records
     summary: dict[str, Any]
+    # what only the cluster knows, for the timeline: KV handoffs, the fleet
+    handoffs: list[Any] | None = None
+    autoscaler: Any = None
 
 
 # ----------------------------------------------------------------- defaults
@@ -355,7 +370,18 @@ def resolve(loaded: LoadedScenario) -> Resolved:
     trace = load_workload(loaded)
     cl = sc.workload.closed_loop
     closed = ClosedLoop(cl.concurrency, cl.num_requests) if cl is not None else None
-    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note, timing_note)
+    pools: dict[str, tuple[VllmConfig, TimingModel, str]] | None = None
+    if sc.disaggregation is not None:
+        pools = {}
+        for name in ("prefill", "decode"):
+            spec = VllmEngineSpec.model_validate({**sc.engine.model_dump(),
+                                                  **getattr(sc.disaggregation, name).engine})
+            cfg, pnote = resolve_engine(spec, model, gpu, sc.dtype,
+                                        loaded.where("disaggregation", name, "engine"))
+            ptiming = RooflineTiming(model, gpu, spec.tensor_parallel_size, sc.dtype, profile,
+                                     kv_dtype=kv_dtype_for(sc.dtype))
+            pools[name] = (cfg, ptiming, pnote)
+    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note, timing_note, pools)
 
 
 def simulate(resolved: Resolved, fast_forward: bool | None = None,
@@ -365,26 +391,33 @@ def simulate(resolved: Resolved, fast_forward: bool | None = None,
     trace = resolved.trace
     dense, num_ids = dense_hash_ids(trace.hash_ids)
     cfg = resolved.engine
-    engines: list[VllmEngine] | list[SglangEngine]
-    if isinstance(cfg, SglangConfig):
-        engines = [SglangEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids)
-                   for _ in range(sc.cluster.num_workers)]
-    else:
-        engines = [VllmEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids,
-                              fast_forward=ff) for _ in range(sc.cluster.num_workers)]
     rng = np.random.default_rng(np.random.SeedSequence(sc.seed).spawn(2)[1])
-    try:
-        router = make_router(sc.cluster.router.kind, sc.cluster.router.params(),
-                             sc.cluster.num_workers, rng)
-    except TypeError as e:
-        raise ScenarioError(resolved.loaded.where("cluster", "router"),
-                            f"cluster.router: {e}", "check the router's parameters") from None
+    if resolved.pools is not None:
+        return _simulate_disaggregated(resolved, ff, dense, num_ids, rng, progress)
+    tiers = _offload_tiers(resolved)
+
+    def new_engine() -> VllmEngine | SglangEngine:
+        if isinstance(cfg, SglangConfig):
+            return SglangEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids)
+        e = VllmEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids, fast_forward=ff)
+        if tiers is not None:
+            e.pool.lower = OffloadTiers(*tiers, num_keys=e.pool.num_keys)
+        return e
+
+    engines = [new_engine() for _ in range(sc.cluster.num_workers)]
+    router = _router(resolved, ("cluster", "router"), sc.cluster.router.kind,
+                     sc.cluster.router.params(), sc.cluster.num_workers, rng)
+    scaler = _autoscaler(resolved, new_engine, rng)
     # the cluster is typed for vLLM engines; an SglangEngine has the same interface
     outcome = Cluster(cast(list[VllmEngine], engines), router, trace, dense,
-                      resolved.closed_loop, progress).run()
+                      resolved.closed_loop, progress, autoscaler=scaler).run()
     records = build_records(outcome)
     summary = summarize(records)
     summary["engine"] = engine_summary(outcome, summary["duration_s"])
+    if tiers is not None and isinstance(cfg, VllmConfig):
+        summary["offload"] = _offload_summary(outcome.engines, cfg.block_size)
+    if scaler is not None:
+        summary["planner"] = scaler.summary(_end_time(records))
     if isinstance(cfg, SglangConfig):
         # SGLang-only counters (retractions, lpm -> fcfs fallbacks): never silent
         per = [e.summary() for e in engines if isinstance(e, SglangEngine)]
@@ -394,4 +427,148 @@ def simulate(resolved: Resolved, fast_forward: bool | None = None,
             "schedule_policy": per[0]["schedule_policy"],
             "schedule_policy_effective": per[0]["schedule_policy_effective"],
         }
-    return SimResult(resolved, outcome, records, summary)
+    return SimResult(resolved, outcome, records, summary, autoscaler=scaler)
+
+
+def build_timeline(result: SimResult) -> Timeline:
+    """The run as Chrome/Perfetto trace events: steps, arrivals, preemptions, KV
+    handoffs, offload loads (as step args), worker lifecycle and planner decisions."""
+    sim = result.resolved.loaded.scenario.simulation
+    tl = Timeline.from_outcome(result.outcome, sim.timeline_max_steps_per_worker)
+    for wid, e in enumerate(result.outcome.engines):
+        for t, rid in getattr(e, "preemption_log", ()):
+            tl.add_preemption(wid, t, rid)
+    for h in result.handoffs or ():
+        tl.add_handoff(h.prefill_worker, h.decode_worker, h.start_s, h.end_s, h.request_id,
+                       link=h.link, bytes=h.nbytes)
+    scaler = result.autoscaler
+    if scaler is not None:
+        end = _end_time(result.records)
+        tl.add_fleet(scaler.fleet, end)
+        for d in scaler.planner.decisions:
+            tl.add_decision(d)
+    return tl
+
+
+# ------------------------------------------------------------------ topology
+def _router(resolved: Resolved, loc: tuple[str, ...], kind: str, params: dict[str, Any],
+            num_workers: int, rng: np.random.Generator) -> Any:
+    try:
+        return make_router(kind, params, num_workers, rng)
+    except TypeError as e:
+        raise ScenarioError(resolved.loaded.where(*loc), f"{'.'.join(loc)}: {e}",
+                            "check the router's parameters") from None
+
+
+def _offload_tiers(resolved: Resolved) -> tuple[list[TierSpec], float] | None:
+    off = resolved.loaded.scenario.cluster.offload
+    cfg = resolved.engine
+    if off is None or not isinstance(cfg, VllmConfig):
+        return None
+    sc = resolved.loaded.scenario
+    block_bytes = (resolved.model.kv_bytes_per_token(kv_dtype_for(sc.dtype),
+                                                     sc.engine.tensor_parallel_size)
+                   * cfg.block_size)
+    tiers = []
+    for name in ("host", "disk"):
+        t = getattr(off, name)
+        if t is not None:
+            # per GPU of the worker: a TP shard's blocks move over its own link
+            tiers.append(TierSpec(name, max(int(t.capacity_gib * GiB // block_bytes), 1),
+                                  t.bandwidth_gb_s * 1e9))
+    return tiers, block_bytes
+
+
+def _offload_summary(engines: list[Any], block_size: int) -> dict[str, Any]:
+    per_tier: dict[str, dict[str, float]] = {}
+    query = sum(e.num_prefix_query_tokens for e in engines)
+    gpu_hits = sum(e.num_prefix_hit_tokens - e.num_offload_hit_tokens for e in engines)
+    load_s = 0.0
+    for e in engines:
+        lower = e.pool.lower
+        if lower is None:
+            continue
+        load_s += lower.load_s
+        for t in lower.summary(block_size):
+            agg = per_tier.setdefault(str(t["tier"]), {"hit_tokens": 0, "blocks_stored": 0})
+            agg["hit_tokens"] += int(t["hit_tokens"])
+            agg["blocks_stored"] += int(t["blocks_stored"])
+    out: dict[str, Any] = {"gpu_hit_rate": gpu_hits / query if query else 0.0,
+                           "load_s_total": load_s, "tiers": {}}
+    for name, agg in per_tier.items():
+        out["tiers"][name] = {**agg, "hit_rate": agg["hit_tokens"] / query if query else 0.0}
+    return out
+
+
+def _autoscaler(resolved: Resolved, new_engine: Callable[[], Any],
+                rng: np.random.Generator) -> Autoscaler | None:
+    sc = resolved.loaded.scenario
+    p = sc.cluster.planner
+    if p is None:
+        return None
+    where = resolved.loaded.where("cluster", "planner")
+    cfg = resolved.engine
+    seqs = cfg.max_num_seqs if isinstance(cfg, VllmConfig) else cfg.max_running_requests
+    try:
+        policy = make_policy(p.policy, TimingCapacity(resolved.timing, seqs),
+                             "cluster.planner.policy")
+        startup = make_startup_delay(p.startup, "cluster.planner.startup")
+        tp = sc.engine.tensor_parallel_size
+        limits = PlannerLimits(p.min_workers, p.max_workers, tp, p.max_gpus)
+        planner = Planner(policy, limits, p.interval_s, p.scale_up_cooldown_s,
+                          p.scale_down_cooldown_s)
+    except (ScenarioError, InputError) as e:
+        raise ScenarioError(where, one_line(e.message), one_line(e.fix)) from None
+    return Autoscaler(planner, startup, new_engine, np.random.default_rng(
+        np.random.SeedSequence(sc.seed).spawn(3)[2]), gpus_per_worker=tp)
+
+
+def _end_time(records: Records) -> float:
+    fin = records.columns["finish_s"]
+    ok = np.isfinite(fin)
+    return float(fin[ok].max()) if ok.any() else 0.0
+
+
+def _simulate_disaggregated(resolved: Resolved, ff: bool, dense: np.ndarray, num_ids: int,
+                            rng: np.random.Generator,
+                            progress: Callable[[int, int], None] | None) -> SimResult:
+    sc = resolved.loaded.scenario
+    d = sc.disaggregation
+    assert d is not None and resolved.pools is not None
+    trace = resolved.trace
+    engines: dict[str, list[VllmEngine]] = {}
+    routers = {}
+    for name in ("prefill", "decode"):
+        cfg, timing, _ = resolved.pools[name]
+        pool = getattr(d, name)
+        engines[name] = [VllmEngine(cfg, timing, trace.hash_block_tokens, num_ids,
+                                    fast_forward=ff) for _ in range(pool.num_workers)]
+        routers[name] = _router(resolved, ("disaggregation", name, "router"), pool.router.kind,
+                                pool.router.params(), pool.num_workers, rng)
+    link = LinkSpec(d.link.bandwidth_gb_s * 1e9, d.link.latency_us * 1e-6, d.link.topology)
+    kv_per_token = resolved.model.kv_bytes_per_token(kv_dtype_for(sc.dtype), 1)
+    cluster = DisaggCluster(engines["prefill"], engines["decode"], routers["prefill"],
+                            routers["decode"], trace, dense, link, kv_per_token,
+                            resolved.closed_loop, progress)
+    outcome = cluster.run()
+    records = build_records(outcome)
+    summary = summarize(records)
+    summary["engine"] = engine_summary(outcome, summary["duration_s"])
+    t0 = float(trace.arrival_s[0]) if len(trace) else 0.0
+    summary["disaggregation"] = {
+        "num_prefill_workers": d.prefill.num_workers,
+        "num_decode_workers": d.decode.num_workers,
+        "num_gpus": (d.prefill.num_workers * _tp(sc, d.prefill.engine)
+                     + d.decode.num_workers * _tp(sc, d.decode.engine)),
+        "kv_bytes_per_token": kv_per_token,
+        "num_handoffs": len(cluster.handoffs),
+        "handoff_bytes": float(sum(h.nbytes for h in cluster.handoffs)),
+        "handoff_s_mean": (float(np.mean([h.end_s - h.start_s for h in cluster.handoffs]))
+                           if cluster.handoffs else 0.0),
+        "links": cluster.link_summary(t0, _end_time(records)),
+    }
+    return SimResult(resolved, outcome, records, summary, handoffs=cluster.handoffs)
+
+
+def _tp(sc: Any, override: dict[str, Any]) -> int:
+    return int(override.get("tensor_parallel_size", sc.engine.tensor_parallel_size))

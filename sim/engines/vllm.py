@@ -61,6 +61,9 @@ class VllmConfig:
     max_model_len: int = 131072
 
 
+_NO_LEVELS = np.empty(0, dtype=np.int8)
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -228,7 +231,7 @@ class VllmEngine:
             req = self.waiting[0]
             hit = self._lookup(req)
             computed = int(hit.size) * bs
-            low: list[int] = []  # tiers of the blocks found below the GPU (offload)
+            low = _NO_LEVELS  # tiers of the blocks found below the GPU (offload)
             if req.remote_kv_tokens > computed:
                 # disaggregated decode: the prompt's KV arrived from a prefill worker
                 # (blocks this worker lacked were transferred); only the first
@@ -272,27 +275,27 @@ class VllmEngine:
                 self.num_prefix_query_tokens += req.num_tokens
                 self.num_offload_hit_tokens += len(low) * bs
             plan.add(req, n)
-            if low:  # read the tiers' copies before this admission's own evictions
+            if low.size:  # read the tiers' copies before this admission's own evictions
                 assert pool.lower is not None
                 low_keys = self._layout(req).keys[hit.size:hit.size + len(low)]
                 plan.load_s += pool.lower.load(low_keys, low)
             self._grow(req, n, cdiv(computed + n, bs) - int(hit.size))
             if req.remote_kv_tokens:
                 self._cache_transferred(req, int(hit.size))
-            if low:  # the loaded blocks are indexed on the GPU again
+            if low.size:  # the loaded blocks are indexed on the GPU again
                 pool.cache(np.asarray(req.blocks[hit.size:hit.size + len(low)],
                                       dtype=np.int64), low_keys)
             self.running.append(req)
             budget -= n
         return True
 
-    def _lower_hits(self, req: Request, num_hit: int) -> list[int]:
+    def _lower_hits(self, req: Request, num_hit: int) -> np.ndarray:
         """Tiers of the prompt blocks after the GPU hit that an offload tier holds."""
         assert self.pool.lower is not None
         layout = self._layout(req)
         limit = min(layout.num_hashed, (req.num_tokens - 1) // self.config.block_size)
         if num_hit >= limit:
-            return []
+            return _NO_LEVELS
         return self.pool.lower.match(layout.keys[num_hit:limit])
 
     def _cache_transferred(self, req: Request, num_hit: int) -> None:
@@ -507,7 +510,13 @@ class VllmEngine:
         if hi_ev == lo_ev:
             return
         reqs = plan.requests
-        ids = self.pool.allocate(hi_ev - lo_ev)
+        pool = self.pool
+        if pool.lower is None:
+            ids = pool.allocate(hi_ev - lo_ev)
+        else:
+            # one block at a time, as step-by-step mode takes them: what each eviction
+            # writes to the offload tiers then happens in the same order and grouping
+            ids = [pool.allocate(1)[0] for _ in range(hi_ev - lo_ev)]
         for owner, b in zip(plan.ev_owner[lo_ev:hi_ev], ids, strict=True):
             reqs[owner].blocks.append(b)
 

@@ -96,6 +96,9 @@ class SyntheticSpec:
     prefix: PrefixGroups | None = None
     sessions: Sessions | None = None
     hash_block_tokens: int = MOONCAKE_BLOCK_TOKENS  # one block size for replayed and made-up
+    # piecewise-constant load: [[start_s, multiplier], ...] from 0, each multiplying rate_per_s
+    # until the next start (the last holds); bursts and lulls for a planner to follow
+    rate_schedule: Any = None
 
     @classmethod
     def from_mapping(cls, mapping: Any, path: str = "workload.synthetic") -> SyntheticSpec:
@@ -134,6 +137,8 @@ class SyntheticSpec:
                 "write true or false",
             )
         _need_int(f"{path}.hash_block_tokens", self.hash_block_tokens, 1, MAX_TOKENS)
+        if self.rate_schedule is not None:
+            _check_schedule(self.rate_schedule, f"{path}.rate_schedule")
         if self.sessions is None:
             _need_int(f"{path}.num_requests", self.num_requests, 1, MAX_SYNTHETIC_REQUESTS)
         elif self.num_requests is not None:
@@ -193,9 +198,35 @@ def synthesize(spec: SyntheticSpec | Mapping[str, Any], rng: np.random.Generator
 
 
 def _arrivals(spec: SyntheticSpec, rng: np.random.Generator, n: int) -> np.ndarray:
-    return gamma_arrivals(
-        rng, n, spec.rate_per_s, spec.burstiness, rescale_to_rate=spec.rescale_to_rate
-    )
+    if spec.rate_schedule is None:
+        return gamma_arrivals(
+            rng, n, spec.rate_per_s, spec.burstiness, rescale_to_rate=spec.rescale_to_rate
+        )
+    # time change: a unit-rate process u_i mapped through the inverse of the cumulative
+    # rate Lambda(t) = rate_per_s * integral of the multiplier (piecewise linear)
+    u = gamma_arrivals(rng, n, 1.0, spec.burstiness)
+    starts = np.array([float(s) for s, _ in spec.rate_schedule])
+    rates = spec.rate_per_s * np.array([float(m) for _, m in spec.rate_schedule])
+    cum = np.concatenate(([0.0], np.cumsum(rates[:-1] * np.diff(starts))))
+    k = np.searchsorted(cum, u, side="right") - 1
+    return starts[k] + (u - cum[k]) / rates[k]
+
+
+def _check_schedule(schedule: Any, path: str) -> None:
+    fix = "write [[0, 1.0], [600, 4.0], ...]: start seconds from 0, increasing, multipliers > 0"
+    if not isinstance(schedule, list | tuple) or not schedule:
+        raise _bad(path, schedule, "must be a non-empty list of [start_s, multiplier]", fix)
+    prev = -1.0
+    for i, entry in enumerate(schedule):
+        ok = (isinstance(entry, list | tuple) and len(entry) == 2
+              and all(isinstance(x, int | float) and not isinstance(x, bool) for x in entry))
+        if not ok:
+            raise _bad(f"{path}[{i}]", entry, "must be [start_s, multiplier]", fix)
+        start, mult = float(entry[0]), float(entry[1])
+        if (i == 0 and start != 0) or start <= prev or not mult > 0 or not np.isfinite(mult):
+            raise _bad(f"{path}[{i}]", entry, "starts from 0 and increases; multiplier > 0",
+                       fix)
+        prev = start
 
 
 def _groups_and_prefix(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from sim.cluster import Cluster
 from sim.engines.vllm import VllmConfig, VllmEngine
@@ -12,6 +13,7 @@ from sim.metrics import build_records
 from sim.offload import OffloadTiers, TierSpec
 from sim.router import make_router
 from tests.sim.factories import LinearTiming, make_trace
+from tests.sim.test_properties import check_invariants, scenarios
 
 
 def run(trace, tiers, ff=False, num_blocks=4):
@@ -22,7 +24,7 @@ def run(trace, tiers, ff=False, num_blocks=4):
     engine = VllmEngine(cfg, LinearTiming(base=1.0, per_prefill_token=0.1, per_decode_seq=0.5),
                         4, n_ids, fast_forward=ff)
     if tiers:
-        engine.pool.lower = OffloadTiers(tiers, block_bytes=10.0)
+        engine.pool.lower = OffloadTiers(tiers, block_bytes=10.0, num_keys=engine.pool.num_keys)
     rt = make_router("round_robin", {}, 1, np.random.default_rng(0))
     outcome = Cluster([engine], rt, trace, dense).run()
     return engine, build_records(outcome)
@@ -87,3 +89,34 @@ def test_run_with_offload_matches_in_both_modes() -> None:
             np.testing.assert_allclose(rb.columns[name], col, rtol=1e-9, err_msg=name)
         else:
             assert (rb.columns[name] == col).all(), name
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=scenarios())
+def test_offload_fast_forward_equivalence(case) -> None:
+    """Random small scenarios with a small host and disk tier below every worker."""
+    trace, cfg, workers, closed, timing = case
+
+    def run_tiers(ff: bool):
+        dense, n_ids = dense_hash_ids(trace.hash_ids)
+        engines = [VllmEngine(cfg, timing, trace.hash_block_tokens, n_ids, fast_forward=ff)
+                   for _ in range(workers)]
+        for e in engines:
+            e.pool.lower = OffloadTiers([TierSpec("host", 5, 1e4), TierSpec("disk", 20, 1e3)],
+                                        64.0, e.pool.num_keys)
+        rt = make_router("round_robin", {}, workers, np.random.default_rng(0))
+        out = Cluster(engines, rt, trace, dense, closed).run()
+        return out, build_records(out)
+
+    (oa, ra), (ob, rb) = run_tiers(False), run_tiers(True)
+    check_invariants(trace, cfg, oa, ra)
+    check_invariants(trace, cfg, ob, rb)
+    for name, col in ra.columns.items():
+        if col.dtype.kind == "f":
+            np.testing.assert_allclose(rb.columns[name], col, rtol=1e-9, equal_nan=True,
+                                       err_msg=name)
+        else:
+            assert (rb.columns[name] == col).all(), name
+    for ea, eb in zip(oa.engines, ob.engines, strict=True):
+        assert ea.num_offload_hit_tokens == eb.num_offload_hit_tokens

@@ -136,9 +136,12 @@ def test_users_register_a_delay() -> None:
             return self.base_s + 1.0
 
     STARTUP_DELAYS.register("test_shifted")(Shifted)
-    assert make_startup_delay({"kind": "test_shifted", "base_s": 10}).expected_s() == 11.0
-    with pytest.raises(ValueError, match="already registered"):
-        STARTUP_DELAYS.register("test_shifted")(Shifted)
+    try:
+        assert make_startup_delay({"kind": "test_shifted", "base_s": 10}).expected_s() == 11.0
+        with pytest.raises(ValueError, match="already registered"):
+            STARTUP_DELAYS.register("test_shifted")(Shifted)
+    finally:
+        STARTUP_DELAYS.unregister("test_shifted")
     assert {"load", "sla"} <= set(PLANNER_POLICIES.kinds())
 
 

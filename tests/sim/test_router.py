@@ -220,7 +220,6 @@ def test_session_affinity_sticks_and_balances_new_sessions() -> None:
 
 
 # ------------------------------------------------------- plug-ins, scenarios
-@ROUTERS.register("test_always_last")
 class AlwaysLast:
     state_dependent = False
 
@@ -235,7 +234,6 @@ class AlwaysLast:
 COST_CALLS: list[int] = []
 
 
-@COST_FUNCTIONS.register("test_load_only")
 def load_only(c: CostInputs) -> np.ndarray:
     COST_CALLS.append(c.request_blocks)
     return c.decode_blocks.astype(np.float64)
@@ -248,7 +246,18 @@ def scenario_dict(router: dict[str, Any], num_requests: int) -> dict[str, Any]:
             "cluster": {"num_workers": 3, "router": router}}
 
 
-def test_custom_router_and_cost_function_through_a_scenario() -> None:
+@pytest.fixture
+def plugins():
+    """Register the test plug-ins for one test only: the registries are global, and a
+    module-level registration would change what other tests see (valid kinds)."""
+    ROUTERS.register("test_always_last")(AlwaysLast)
+    COST_FUNCTIONS.register("test_load_only")(load_only)
+    yield
+    ROUTERS.unregister("test_always_last")
+    COST_FUNCTIONS.unregister("test_load_only")
+
+
+def test_custom_router_and_cost_function_through_a_scenario(plugins) -> None:
     loaded = validate_scenario(scenario_dict({"kind": "test_always_last", "offset": 1}, 12),
                                {}, None, [])
     result = simulate(resolve(loaded))

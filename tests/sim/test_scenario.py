@@ -25,7 +25,8 @@ ENGINE_KEYS = (
     "long_prefill_token_threshold, max_model_len, max_num_batched_tokens, max_num_seqs, "
     "num_gpu_blocks_override, scheduler_reserve_full_isl, tensor_parallel_size, watermark"
 )
-TOP_KEYS = "cluster, dtype, engine, gpu, model, name, search, seed, simulation, timing, workload"
+TOP_KEYS = ("cluster, disaggregation, dtype, engine, gpu, model, name, search, seed, "
+            "simulation, timing, workload")
 
 # Line numbers below refer to this text: 4 trace, 6 model, 7 gpu, 8 engine,
 # 9 max_num_seqs, 10 cluster, 11 num_workers.

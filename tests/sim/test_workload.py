@@ -839,3 +839,33 @@ def _timed(action: Any) -> float:
     start = time.perf_counter()
     action()
     return time.perf_counter() - start
+
+
+def test_rate_schedule_follows_the_piecewise_rate() -> None:
+    from sim.workload import synthesize
+
+    spec = {"rate_per_s": 2.0, "num_requests": 6000, "input_tokens": 100,
+            "output_tokens": 10, "rate_schedule": [[0, 1.0], [600, 5.0], [900, 0.5]]}
+    trace = synthesize(spec, np.random.default_rng(0))
+    t = trace.arrival_s
+    assert (np.diff(t) >= 0).all()
+    # expected counts: 2/s x 600 s = 1200, then 10/s x 300 s = 3000, then 1/s after 900 s
+    n1 = int(np.count_nonzero(t < 600))
+    n2 = int(np.count_nonzero((t >= 600) & (t < 900)))
+    assert abs(n1 - 1200) < 4 * 1200**0.5 and abs(n2 - 3000) < 4 * 3000**0.5
+    rest = t[t >= 900]
+    assert rest.size == 6000 - n1 - n2
+    assert abs((rest[-1] - 900) - rest.size / 1.0) < 4 * rest.size**0.5
+
+
+@pytest.mark.parametrize("schedule", [[[5, 1.0]], [[0, 1.0], [0, 2.0]], [[0, 0.0]],
+                                      [[0, 1.0, 3]], "fast"])
+def test_rate_schedule_errors_name_the_entry(schedule) -> None:
+    from sim.errors import TraceError
+    from sim.workload import synthesize
+
+    spec = {"rate_per_s": 2.0, "num_requests": 10, "input_tokens": 100, "output_tokens": 10,
+            "rate_schedule": schedule}
+    with pytest.raises(TraceError) as e:
+        synthesize(spec, np.random.default_rng(0))
+    assert "rate_schedule" in str(e.value) and "Fix:" in str(e.value)

@@ -29,7 +29,8 @@ ENGINE_FIELDS = ("block_size, enable_chunked_prefill, enable_prefix_caching, "
                  "gpu_memory_utilization, kind, long_prefill_token_threshold, max_model_len, "
                  "max_num_batched_tokens, max_num_seqs, num_gpu_blocks_override, "
                  "scheduler_reserve_full_isl, tensor_parallel_size, watermark")
-SCENARIO_FIELDS = "cluster, dtype, engine, gpu, model, name, seed, simulation, timing, workload"
+SCENARIO_FIELDS = ("cluster, disaggregation, dtype, engine, gpu, model, name, seed, simulation, "
+                   "timing, workload")
 OBJECTIVES = ", ".join(f"{m}.{p}" for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s")
                        for p in ("mean", "p50", "p90", "p99"))
 RANGE_RULE = ("must be [start, stop, step] integers with step > 0 and stop >= start. "
@@ -72,7 +73,7 @@ INVALID = {
     "a key below a leaf": (
         {"space": {"cluster.num_workers.max": [1]}},
         "s.yaml: search.space.cluster.num_workers.max: no such scenario field. Fix: did you "
-        "mean cluster.num_workers? cluster's fields: num_workers, router"),
+        "mean cluster.num_workers? cluster's fields: num_workers, offload, planner, router"),
     "nothing near": (
         {"space": {"colour": ["red"]}},
         "s.yaml: search.space.colour: no such scenario field. Fix: use a dotted scenario "
