@@ -2,6 +2,7 @@
 
     python benchmarks/replay_speed.py                      # fast-forward vs step-by-step
     python benchmarks/replay_speed.py --peer-python PY     # + NVIDIA's DynoSim replay
+    python benchmarks/replay_speed.py --peer-python PY --router kv   # both KV-aware
     python benchmarks/replay_speed.py --growth             # output x10, two trace copies
 
 Each configuration is run as its own process (start-up, trace loading and the
@@ -42,7 +43,7 @@ TRACE_GZ = ROOT / "scenarios" / "traces" / "mooncake_conversation.jsonl.gz"
 PEER_SCRIPT = """
 import json, sys
 from dynamo.replay import run_trace_replay
-r = run_trace_replay(sys.argv[1], num_workers=8, router_mode="round_robin",
+r = run_trace_replay(sys.argv[1], num_workers=8, router_mode=sys.argv[2],
                      replay_mode="offline", trace_format="mooncake", trace_block_size=512)
 s = r.summary
 print("PEER_RESULT " + json.dumps({
@@ -143,6 +144,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--scenario", default=str(ROOT / "scenarios" / "dynamo_comparable.yaml"))
     p.add_argument("--peer-python", help="python of a venv with ai-dynamo 1.6.1 installed")
+    p.add_argument("--router", choices=["round_robin", "kv"], default="round_robin",
+                   help="kv: servetwin's kv_aware router against DynoSim's kv_router")
     p.add_argument("--step-by-step", action="store_true",
                    help="also time fast-forward against step-by-step (slow)")
     p.add_argument("--growth", action="store_true",
@@ -151,13 +154,15 @@ def main() -> int:
     scenario = Path(args.scenario)
     work = Path(tempfile.mkdtemp(prefix="servetwin-bench-"))
     try:
-        ff = servetwin("servetwin", scenario, work)
+        router = (["--set", "cluster.router.kind=kv_aware"] if args.router == "kv" else [])
+        ff = servetwin("servetwin", scenario, work, *router)
         if args.peer_python:
             trace = work / "conversation.jsonl"
             with gzip.open(TRACE_GZ, "rb") as src, trace.open("wb") as dst:
                 shutil.copyfileobj(src, dst)
-            peer = Command("dynamo replay", [args.peer_python, "-c", PEER_SCRIPT, str(trace)],
-                           env={"DYN_LOG": "warn"})
+            mode = "kv_router" if args.router == "kv" else "round_robin"
+            peer = Command("dynamo replay", [args.peer_python, "-c", PEER_SCRIPT, str(trace),
+                                             mode], env={"DYN_LOG": "warn"})
             print(f"servetwin vs NVIDIA DynoSim replay, {args.runs} alternating runs")
             compare([ff, peer], args.runs, args.warmup)
         if args.step_by_step:

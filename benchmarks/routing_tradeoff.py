@@ -32,6 +32,10 @@ ROUTERS = {
     "round_robin": ["cluster.router.kind=round_robin"],
     "kv_aware": ["cluster.router.kind=kv_aware"],
     "kv_aware_approx": ["cluster.router.kind=kv_aware", "cluster.router.view=approx"],
+    # cache affinity weighted 8x against load: the regime where affinity piles load up
+    "kv_aware_w8": ["cluster.router.kind=kv_aware", "cluster.router.overlap_score_weight=8"],
+    # affinity alone (the limit of a huge weight): no load term at all
+    "kv_overlap_only": ["cluster.router.kind=kv_aware", "cluster.router.cost=overlap_only"],
     "least_outstanding_tokens": ["cluster.router.kind=least_outstanding_tokens"],
 }
 

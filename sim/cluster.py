@@ -132,6 +132,20 @@ class Worker:
             # this instant's arrivals, in step-by-step mode too)
             self.engine.start_step(plan, m)
 
+    def sync_kv(self, now: float) -> None:
+        """Only the KV pool up to ``now``: a run's steps that started by ``now`` take
+        their blocks (evicting what they evict); tokens are committed later. Enough for
+        a router that reads prefix caches only, and far cheaper than ``sync``."""
+        plan = self.plan
+        if plan is None or plan.num_steps <= 1:
+            return
+        last = plan.num_steps - 1
+        m = int(np.searchsorted(plan.ends[:last], now, side="right"))
+        if m > 0 and plan.ends[m - 1] < now:
+            self.engine.start_step(plan, m)
+        elif m > 0:
+            self.engine.start_step(plan, m - 1)
+
     # -------------------------------------------------------------- events
     def _want_schedule(self, now: float) -> None:
         if not self._schedule_armed:
@@ -234,6 +248,7 @@ class Cluster:
 
     def _route(self, req: Request, now: float, parked: bool = False) -> None:
         workers = self.workers
+        kv_only = getattr(self.router, "reads_kv_only", False)
         scaler = self.autoscaler
         if scaler is not None:
             if not parked:  # a parked request was counted when it arrived
@@ -244,13 +259,19 @@ class Cluster:
                 return
             if self.router.state_dependent:
                 for i in cands:
-                    workers[i].sync(now)
+                    if kv_only:
+                        workers[i].sync_kv(now)
+                    else:
+                        workers[i].sync(now)
             chosen = self.router.choose(req, self.engines, candidates=cands)
             workers[chosen].submit(req, now)
             return
         if self.router.state_dependent:
             for w in workers:
-                w.sync(now)
+                if kv_only:
+                    w.sync_kv(now)
+                else:
+                    w.sync(now)
         workers[self.router.choose(req, self.engines)].submit(req, now)
 
     def unpark(self, now: float) -> None:

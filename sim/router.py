@@ -90,6 +90,18 @@ def _vllm_cached_tokens(engine: VllmEngine, req: Request, memo: dict[Any, Any]) 
     return pool.num_cached_prefix(keys) * bs
 
 
+def _same_layout_pools(engines: Sequence[Any]) -> tuple[list[Any], int, int] | None:
+    """The block pools of vLLM engines that share block size and hash block size (so
+    one request's keys fit all), with those sizes; None otherwise."""
+    if not engines or not all(isinstance(e, VllmEngine) for e in engines):
+        return None
+    layouts = {(e.config.block_size, e.hash_block_tokens) for e in engines}
+    if len(layouts) != 1:
+        return None
+    bs, hbt = layouts.pop()
+    return [e.pool for e in engines], bs, hbt
+
+
 def num_outstanding(view: WorkerView) -> int:
     return len(view.waiting) + len(view.running)
 
@@ -269,6 +281,13 @@ def dynamo_cost(c: CostInputs) -> np.ndarray:
     return c.overlap_score_weight * c.prefill_blocks + c.decode_blocks
 
 
+@COST_FUNCTIONS.register("overlap_only")
+def overlap_only_cost(c: CostInputs) -> np.ndarray:
+    """Pure cache affinity: the prefill blocks still to compute, load ignored (ties:
+    the scenario's tie_break). The limit of a large overlap_score_weight."""
+    return c.prefill_blocks.astype(np.float64)
+
+
 @ROUTERS.register("kv_aware")
 class KvAware:
     """NVIDIA Dynamo's KV-aware router: per worker,
@@ -327,12 +346,14 @@ class KvAware:
         self.cost_fn = COST_FUNCTIONS.get(cost, f"{where}.cost")
         self.tie_break = tie_break
         self.state_dependent = view == "exact"
+        self.reads_kv_only = True  # prefix caches only: the cluster need not commit tokens
         self.decode_blocks = np.zeros(num_workers, dtype=np.int64)
         self._routed: dict[int, tuple[int, int]] = {}  # rid -> (worker, blocks)
         self._expiry = np.full((num_workers, 0), -np.inf)  # approx view
         self._last: tuple[np.ndarray, ...] | None = None
         self._units: tuple[int, int] | None = None  # (router block tokens, hash block tokens)
         self._cached_tokens: list[Callable[[Request, dict[Any, Any]], int]] = []
+        self._pools: tuple[list[Any], int, int] | None = None
 
     # ----------------------------------------------------------------- decision
     def choose(self, req: Request, engines: Sequence[Any],
@@ -356,10 +377,19 @@ class KvAware:
         if self.view == "exact":
             if len(self._cached_tokens) != len(engines):  # built once (again as a fleet grows)
                 self._cached_tokens = [worker_view(e).cached_tokens for e in engines]
-            memo: dict[Any, Any] = {}
-            fns = self._cached_tokens
-            overlap = np.fromiter((fns[i](req, memo) // bs for i in ids.tolist()),
-                                  dtype=np.int64, count=len(ids))
+                self._pools = _same_layout_pools(engines)
+            if self._pools is not None:
+                # every worker a vLLM pool with one block layout: one key array for all
+                pools, ebs, ehbt = self._pools
+                keys = PrefixLayout(req.hash_ids, req.prompt_tokens, ebs, ehbt).keys
+                overlap = np.fromiter((pools[i].num_cached_prefix(keys) * ebs // bs
+                                       for i in ids.tolist()), dtype=np.int64, count=len(ids))
+                keys = None
+            else:
+                memo: dict[Any, Any] = {}
+                fns = self._cached_tokens
+                overlap = np.fromiter((fns[i](req, memo) // bs for i in ids.tolist()),
+                                      dtype=np.int64, count=len(ids))
         else:
             keys = PrefixLayout(req.hash_ids, req.prompt_tokens, bs, hbt).keys
             overlap = self._approx_overlap(keys, now)[ids]
