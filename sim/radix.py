@@ -287,3 +287,49 @@ class RadixCache:
     def release(self, num_tokens: int) -> None:
         self.num_private_tokens -= num_tokens
         assert self.num_private_tokens >= 0
+
+    # ------------------------------------------------- fast-forward replay
+    def match_path(self, segs: Segments, limit: int) -> list[Node] | None:
+        """The nodes ``match`` would touch, without touching them; None if ``match``
+        would split a node (the tree would change: no replay then)."""
+        path: list[Node] = []
+        if not self.enable:
+            return path
+        page = self.page_size
+        limit -= limit % page
+        node = self.root
+        pos = 0
+        while pos < limit:
+            child = node.children.get(_label_at(segs, pos))
+            if child is None:
+                break
+            m = _common(child, segs, min(child.end, limit))
+            m -= (m - child.start) % page
+            if m <= child.start:
+                break
+            if m < child.end:
+                return None
+            path.append(child)
+            node = child
+            pos = m
+        return path
+
+    def replay_matches(self, paths: list[list[Node]], rounds: int) -> None:
+        """The effect of calling ``match`` ``rounds`` times over the same sequence of
+        calls whose touched paths are ``paths`` (an unchanged tree): each call ticks
+        the clock once and stamps and counts its path. A node ends with the stamp of
+        its last touch in the last round."""
+        if not self.enable or rounds <= 0 or not paths:
+            return
+        per_round = len(paths)
+        count: dict[Node, int] = {}
+        last: dict[Node, int] = {}
+        for i, path in enumerate(paths):
+            for n in path:
+                count[n] = count.get(n, 0) + 1
+                last[n] = i
+        base = self._clock + (rounds - 1) * per_round + 1
+        for n, c in count.items():
+            n.hit_count += rounds * c
+            n.last_access = base + last[n]
+        self._clock += rounds * per_round

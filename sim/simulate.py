@@ -398,7 +398,8 @@ def simulate(resolved: Resolved, fast_forward: bool | None = None,
 
     def new_engine() -> VllmEngine | SglangEngine:
         if isinstance(cfg, SglangConfig):
-            return SglangEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids)
+            return SglangEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids,
+                                fast_forward=ff)
         e = VllmEngine(cfg, resolved.timing, trace.hash_block_tokens, num_ids, fast_forward=ff)
         if tiers is not None:
             e.pool.lower = OffloadTiers(*tiers, num_keys=e.pool.num_keys)

@@ -22,7 +22,27 @@ tokens, ending at ``_Seq.node``) plus private slots for the rest. Computed
 prompt chunks are inserted into the tree after each extend step
 (``cache_unfinished_req``); the whole sequence at finish (``cache_finished_req``).
 
-Plans cover one step each (no fast-forward runs yet).
+Fast-forward. After a pure-decode step (no extend batch formed, nothing
+retracted, no chunked request) the following decode steps differ only in what
+grows: contexts by one token a step, the pool's use, the ratio's decay. The
+plan then covers k steps (``_plan_run``), k the least of:
+
+* steps to the first completion (the run ends with that step);
+* the first step whose decode tokens the *free* slots cannot hold: that step
+  evicts cache or retracts, and is decided normally;
+* the first step at which the head of WAITING would be admitted: its admission
+  test (``_admit``) as a function of the step index j, with the pool's free
+  slots, the running requests' offsets (their outputs grow) and the decayed
+  ratio at j; the tree does not change in a run, so the head, its matched prefix
+  and its lock stay the same.
+
+Each decision of a run step repeats step 0's side effects on the tree: the
+lpm/fcfs matches touch the same nodes (replayed in closed form by
+``RadixCache.replay_matches``, LRU stamps and LFU counts exact) and an lpm
+fallback is counted again. Slots, ratio decays, touches and counters of steps
+[started, j] are applied lazily (``_start_steps``) when a step is committed or
+started, so a run cut at any step boundary leaves exactly the state of the
+steps that happened.
 """
 
 from __future__ import annotations
@@ -30,6 +50,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..radix import EVICTION_POLICIES, Node, RadixCache, Segments, request_segments
 from ..request import Request
@@ -118,10 +140,13 @@ class _Seq:
 
 
 class SglangPlan:
-    """What one step does (the cluster reads ``end_s``, ``num_steps``, ``ends``)."""
+    """What one step, or one fast-forward run of decode steps, does (the cluster
+    reads ``end_s``, ``num_steps``, ``ends``)."""
 
-    __slots__ = ("committed", "ctx_d", "ends", "first_step", "num_d", "num_p", "num_steps",
-                 "preempted", "scheduled", "seqs_p", "start_s", "used", "waiting_len", "work_p")
+    __slots__ = ("committed", "ctx_d", "cum_need", "ends", "first_step", "k_done",
+                 "lpm_fallback", "num_d", "num_p", "num_steps", "paths", "preempted",
+                 "ratios", "requests", "scheduled", "seqs_p", "start_s", "started", "used",
+                 "waiting_len", "work_p")
 
     def __init__(self, start_s: float) -> None:
         self.scheduled: list[tuple[Request, int]] = []
@@ -130,18 +155,28 @@ class SglangPlan:
         self.committed = 0
         self.first_step = 0
         self.start_s = start_s
-        self.ends: list[float] = []
-        self.used = 0
+        self.ends: Any = []
+        self.used = 0  # pool slots in use in step 0
         self.waiting_len = 0
         self.num_p = 0
         self.work_p = 0.0
         self.seqs_p = 0
         self.num_d = 0
         self.ctx_d = 0
+        # a fast-forward run only: its requests, decisions applied for steps
+        # [0, started), slots taken by steps 1..j (cum_need[j]), the ratio after j
+        # decisions (ratios[j]), the match paths one decision touches, lpm fallback
+        self.requests: list[Request] = []
+        self.started = 1
+        self.k_done = 0
+        self.cum_need: Any = ()
+        self.ratios: Any = ()
+        self.paths: list[list[Node]] = []
+        self.lpm_fallback = False
 
     @property
     def end_s(self) -> float:
-        return self.ends[0]
+        return float(self.ends[self.num_steps - 1])
 
     def add(self, req: Request, n: int) -> None:
         self.scheduled.append((req, n))
@@ -169,8 +204,10 @@ class _Budget:
 class SglangEngine:
     def __init__(self, config: SglangConfig, timing: TimingModel, hash_block_tokens: int,
                  num_hash_ids: int = 0, fast_forward: bool = False) -> None:
-        # fast_forward is accepted for the cluster's interface; plans are single steps
+        # off by default: hand-computed tests inspect one plan per step; the
+        # cluster's caller passes the scenario's simulation.fast_forward
         self.config = config
+        self.fast_forward = fast_forward
         self.timing = timing
         self.hash_block_tokens = hash_block_tokens
         self.pool = RadixCache(config.max_total_tokens, config.page_size,
@@ -220,7 +257,8 @@ class SglangEngine:
     # -------------------------------------------------------------- schedule
     def schedule(self, now: float) -> SglangPlan | None:
         plan = SglangPlan(now)
-        if not self._prefill(plan) and self.running:
+        decode = not self._prefill(plan) and bool(self.running)
+        if decode:
             self._decode(plan)
         if not plan.scheduled:
             if not self.running and self.chunked is None:
@@ -228,7 +266,7 @@ class SglangEngine:
                 # event_loop_normal: batch is None -> self_check_during_idle)
                 self.new_token_ratio = self.config.init_new_token_ratio
             return None
-        self._time(plan, now)
+        self._time(plan, now, decode)
         return plan
 
     def _running_offset(self, req: Request) -> float:
@@ -448,21 +486,156 @@ class SglangEngine:
             self.waiting.append(req)
 
     # ------------------------------------------------------------------ time
-    def _time(self, plan: SglangPlan, now: float) -> None:
+    def _time(self, plan: SglangPlan, now: float, decode: bool) -> None:
         plan.first_step = self.steps.num_steps
         plan.waiting_len = len(self.waiting)
         plan.used = self.pool.num_used
+        # a run starts from a decode batch (no extend batch formed: a one-token
+        # extend also counts as a decode in the aggregates) that retracted nobody
+        # page_size > 1: the step-by-step slot accounting is not yet sound (pages
+        # taken at decode, tokens released at insert), so no runs are planned there
+        if (self.fast_forward and decode and not plan.preempted and self.chunked is None
+                and self.config.page_size == 1 and len(plan.scheduled) == len(self.running)):
+            k = self._plan_run(plan)
+            if k > 1:
+                dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)
+                dts[0] += now  # a running sum from now, added in step-by-step order
+                plan.ends = np.cumsum(dts)
+                return
+            plan.requests = []
+            plan.num_steps = 1
         dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
         plan.ends = [now + dt]
 
+    def _plan_run(self, plan: SglangPlan) -> int:
+        """Length k of the decode run starting with this (decided) step 0."""
+        cfg = self.config
+        reqs = self.running
+        k = min(r.max_output_tokens - r.num_output for r in reqs)  # first completion
+        if k <= 1:
+            return 1
+        page = cfg.page_size
+        steps = np.arange(k, dtype=np.int64)
+        # slots step j >= 1 takes: a page for each request whose KV fills its last page
+        need = np.zeros(k, dtype=np.int64)
+        for r in reqs:
+            need += ((r.num_computed + steps) % page == 0)
+        need *= page
+        need[0] = 0  # step 0's were taken when it was decided
+        cum = np.cumsum(need)
+        free = self.pool.num_free
+        if cum[-1] > free:
+            # the first step that would evict or retract is decided normally
+            k = int(np.searchsorted(cum, free, side="right"))
+            if k <= 1:
+                return 1
+            cum = cum[:k]
+        ratios = self._ratios(k)
+        paths: list[list[Node]] = []
+        fallback = False
+        if self.waiting and len(reqs) < cfg.max_running_requests:
+            got = self._decision_paths()
+            if got is None:
+                return 1
+            paths, fallback = got
+            k = self._admit_horizon(k, cum, ratios, paths[-1] if paths else [])
+            if k <= 1:
+                return 1
+        plan.requests = list(reqs)
+        plan.k_done = min(r.max_output_tokens - r.num_output for r in reqs)
+        plan.num_steps = k
+        plan.cum_need = cum[:k]
+        plan.ratios = ratios
+        plan.paths = paths
+        plan.lpm_fallback = fallback
+        return k
+
+    def _ratios(self, k: int) -> np.ndarray:
+        """ratios[j - 1]: new_token_ratio after the decisions of steps 0..j-1, as
+        ``_decode`` computes it one step at a time (step 0's decay is done).
+
+        r_{j+1} = max(r_j - decay, min): np.subtract.accumulate subtracts in the
+        same order, so the values are bitwise those of step-by-step mode."""
+        cfg = self.config
+        seq = np.full(k, cfg.new_token_ratio_decay, dtype=np.float64)
+        seq[0] = self.new_token_ratio
+        seq = np.subtract.accumulate(seq)
+        out = np.maximum(seq, cfg.min_new_token_ratio)
+        out[0] = self.new_token_ratio  # (a retraction can leave it below the minimum)
+        return out
+
+    def _decision_paths(self) -> tuple[list[list[Node]], bool] | None:
+        """What one more decision of a run step does to the tree: the paths its
+        matches touch (``_order_waiting``'s, then the head's in ``_admit``) and
+        whether it counts an lpm fallback. None if a match would split a node."""
+        pool = self.pool
+        paths: list[list[Node]] = []
+        fallback = False
+        if self.schedule_policy == "lpm":
+            if len(self.waiting) > LPM_FALLBACK_QUEUE_LEN:
+                fallback = True
+            else:
+                for r in self.waiting:
+                    path = pool.match_path(self._segs(r), r.num_tokens - 1)
+                    if path is None:
+                        return None
+                    paths.append(path)
+        head = self.waiting[0]
+        path = pool.match_path(self._segs(head), head.num_tokens - 1)
+        if path is None:
+            return None
+        paths.append(path)
+        return paths, fallback
+
+    def _admit_horizon(self, k: int, cum: np.ndarray, ratios: np.ndarray,
+                       path: list[Node]) -> int:
+        """First step j in [1, k) whose decision admits the head of WAITING (k if none).
+
+        ``_admit``'s test at step j: the head's match (``path``) and its lock are
+        fixed; free slots are those left after steps 1..j-1; each running request's
+        offset counts its outputs after j steps at ratios[j - 1]. Sums run in the
+        order ``_prefill`` adds them, so the floats are step-by-step's."""
+        cfg = self.config
+        page = cfg.page_size
+        head = self.waiting[0]
+        prefix = path[-1].end if path else 0
+        ext = head.num_tokens - prefix
+        total = ext + self._max_new(head)
+        num_mixed = len(self.running) if cfg.enable_mixed_chunk else 0
+        if cfg.chunked_prefill_size > 0:
+            rem_chunk = cfg.chunked_prefill_size - num_mixed
+            input_tokens = -(-ext // page) * page
+            n = ext if input_tokens <= rem_chunk else rem_chunk - rem_chunk % page
+            if n <= 0:
+                return k  # never admitted while nothing changes
+        pool = self.pool
+        # the head's lock makes its matched path unevictable (the second test)
+        evictable = pool.num_evictable_tokens - sum(nd.num_tokens for nd in path
+                                                    if nd.lock_ref == 0)
+        j = np.arange(1, k, dtype=np.int64)
+        ratio = np.ones(k - 1) if cfg.ignore_eos else ratios[:k - 1]
+        offset = np.zeros(k - 1)
+        for r in self.running:
+            rest = np.minimum(r.max_output_tokens - (r.num_output + j), cfg.clip_max_new_tokens)
+            offset = offset + rest * ratio
+        offset = num_mixed + offset
+        free = pool.num_free - cum[:k - 1]  # at step j's decision: after steps 1..j-1
+        rem = (free + evictable) - offset
+        hit = np.flatnonzero(total + page <= rem)
+        return int(hit[0]) + 1 if hit.size else k
     # ---------------------------------------------------------------- commit
     def truncate(self, plan: SglangPlan, num_steps: int) -> None:
+        """Cut a run to its first ``num_steps`` steps (>= the committed ones)."""
         plan.num_steps = max(num_steps, plan.committed, 1)
 
     def commit(self, plan: SglangPlan, upto: int) -> list[Request]:
-        if upto <= plan.committed:
+        """Apply the plan's steps [committed, upto); return requests that finished."""
+        lo = plan.committed
+        if upto <= lo:
             return []
         plan.committed = upto
+        if plan.requests:
+            return self._commit_run(plan, lo, upto)
         end = plan.ends[0]
         idx = plan.first_step
         self.steps.append(plan.start_s, end, plan.used, len(self.running), plan.waiting_len,
@@ -477,6 +650,9 @@ class SglangEngine:
                 req.add_token_steps(idx, 1)
                 if req.num_output == 1:
                     req.first_token_s = end
+        return self._finish(end)
+
+    def _finish(self, end: float) -> list[Request]:
         done = [r for r in self.running if r.num_output >= r.max_output_tokens]
         if done:
             self.running = [r for r in self.running if r.num_output < r.max_output_tokens]
@@ -485,6 +661,48 @@ class SglangEngine:
                 self._cache_computed(req)  # cache_finished_req
                 self._release(req, retract=False)
         return done
+
+    def _commit_run(self, plan: SglangPlan, lo: int, hi: int) -> list[Request]:
+        self._start_steps(plan, hi)
+        m = hi - lo
+        reqs = plan.requests
+        cum = plan.cum_need
+        start = plan.start_s if lo == 0 else float(plan.ends[lo - 1])
+        # one slot more in use from step j for each of the cum[j] - cum[j - 1] it took
+        extra = [j - lo for j in range(lo + 1, hi) for _ in range(int(cum[j] - cum[j - 1]))]
+        self.steps.extend(start, plan.ends[lo:hi], plan.used + int(cum[lo]), extra, len(reqs),
+                          plan.waiting_len, 0, len(reqs))
+        first = plan.first_step + lo
+        for req in reqs:
+            req.num_computed += m
+            req.num_output += m
+            req.num_tokens += m
+            req.add_token_steps(first, m)
+        if hi < plan.k_done:
+            return []  # a run ends its requests only in step k_done - 1
+        return self._finish(float(plan.ends[hi - 1]))
+
+    def _start_steps(self, plan: SglangPlan, hi: int) -> None:
+        """Apply the decisions of run steps [started, hi): their decode slots, ratio
+        decays, tree touches and lpm fallbacks, as ``schedule`` would have."""
+        a = plan.started
+        if hi <= a:
+            return
+        plan.started = hi
+        taken = int(plan.cum_need[hi - 1] - plan.cum_need[a - 1])
+        if taken:
+            ok = self.pool.allocate(taken)
+            assert ok, "a run's decode slots are free when planned"
+        self.new_token_ratio = float(plan.ratios[hi - 1])
+        self.pool.replay_matches(plan.paths, hi - a)
+        if plan.lpm_fallback:
+            self.num_lpm_fallbacks += hi - a
+
+    def start_step(self, plan: SglangPlan, j: int) -> None:
+        """Run step ``j`` has started (its predecessors are committed): decide it now,
+        as step-by-step mode does, so that a mid-run reader sees the same state."""
+        if plan.requests:
+            self._start_steps(plan, j + 1)
 
     def _cache_computed(self, req: Request) -> None:
         """Insert the request's computed tokens; its private slots for them pass to
