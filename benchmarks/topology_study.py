@@ -100,6 +100,8 @@ def show(r: dict[str, Any]) -> None:
         extra = f"  {r['scale_ups']} up / {r['scale_downs']} down, max {r['max_workers']}"
     if "sglang" in r:
         extra = f"  retractions {r['sglang']['num_retractions']}"
+    elif r["study"] == "engines":
+        extra = f"  preemptions {r['num_preemptions']}"
     print(f"  {r['label']:<34}{r['gpus']:>4}{100 * r['prefix_hit_rate']:>7.2f}"
           f"{1e3 * r['ttft_p50_s']:>9.1f}{1e3 * r['ttft_p90_s']:>9.1f}"
           f"{1e3 * r['tpot_p50_s']:>8.2f}{1e3 * r['tpot_p90_s']:>8.2f}"
@@ -111,6 +113,14 @@ STUDIES = {
     "engines": [
         ("vLLM, 8 workers, round-robin", SC / "default.yaml", []),
         ("SGLang, 8 workers, round-robin", SC / "sglang_conversation.yaml", []),
+        ("vLLM, load x3", SC / "default.yaml", ["workload.time_scale=0.3333333333333333"]),
+        ("SGLang, load x3", SC / "sglang_conversation.yaml",
+         ["workload.time_scale=0.3333333333333333"]),
+        # a small KV cache, the same 178k tokens per worker for both (22.4 GiB)
+        ("vLLM, load x3, small KV", SC / "default.yaml",
+         ["workload.time_scale=0.3333333333333333", "engine.gpu_memory_utilization=0.5"]),
+        ("SGLang, load x3, small KV", SC / "sglang_conversation.yaml",
+         ["workload.time_scale=0.3333333333333333", "engine.mem_fraction_static=0.4665"]),
     ],
     "pd": [
         ("aggregated 8 x TP1", SC / "default.yaml", []),
