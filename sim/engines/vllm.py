@@ -261,9 +261,13 @@ class VllmEngine:
                     self._rejected.append(req)
                     continue
                 # a refusal that a decode run's block allocations can overturn: they
-                # may evict this request's free cached blocks (fewer to take back)
-                # or, with offload tiers, put blocks it lacks into a tier
-                self._fragile_refusal = evictable > 0 or pool.lower is not None
+                # may evict this request's free cached blocks, which lowers its need
+                # when only the scheduled chunk is reserved (with the full prompt
+                # reserved the need is the prompt's blocks less the hit blocks in use,
+                # which evictions never lower), or, with offload tiers, put blocks it
+                # lacks into a tier
+                self._fragile_refusal = ((evictable > 0 and not cfg.scheduler_reserve_full_isl)
+                                         or pool.lower is not None)
                 return True
             self.waiting.popleft()
             pool.touch(hit)
