@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from .cluster import ARRIVAL_PRIORITY, Counter, SimOutcome, Worker, _at
+from .cluster import Cluster, _at
 from .engines.vllm import VllmEngine
 from .links import Link, Transfer
 from .request import Request
@@ -73,8 +73,10 @@ class Handoff:
     end_s: float = float("nan")
 
 
-class DisaggCluster:
-    """Workers 0..P-1 prefill, P..P+D-1 decode; ``engines`` in that order."""
+class DisaggCluster(Cluster):
+    """Workers 0..P-1 prefill, P..P+D-1 decode; ``engines`` in that order. Arrivals,
+    closed loops, progress and the run itself are the ``Cluster``'s; routing and
+    completion are per phase."""
 
     def __init__(self, prefill_engines: Sequence[VllmEngine],
                  decode_engines: Sequence[VllmEngine], prefill_router: Router,
@@ -82,45 +84,18 @@ class DisaggCluster:
                  link: LinkSpec, kv_bytes_per_token: float,
                  closed_loop: ClosedLoop | None = None,
                  progress: Callable[[int, int], None] | None = None) -> None:
-        self.env = simpy.Environment()
+        super().__init__([*prefill_engines, *decode_engines], prefill_router, trace,
+                         dense_hash_ids, closed_loop, progress)
         self.num_prefill = len(prefill_engines)
         self.num_decode = len(decode_engines)
-        self.engines: list[VllmEngine] = [*prefill_engines, *decode_engines]
-        self.num_workers = len(self.engines)
-        self.workers = [Worker(self, i, e) for i, e in enumerate(self.engines)]  # type: ignore[arg-type]
         self.prefill_router = prefill_router
         self.decode_router = decode_router
-        self.trace = trace
-        self._dense = dense_hash_ids
         self.link_spec = link
         self.kv_bytes_per_token = float(kv_bytes_per_token)
-        self.closed_loop = closed_loop
-        self.counter = Counter()
-        self.requests: list[Request] = []
         self.handoffs: list[Handoff] = []
-        self._next_index = 0
-        n = len(trace)
-        if closed_loop is not None and closed_loop.num_requests is not None:
-            n = min(n, closed_loop.num_requests)
-        self._num_total = n
-        self._progress = progress
-        self._num_done = 0
-        self._next_report = 0
         self.links: dict[str, Link] = {}
         self._link_gen: dict[str, int] = {}
         self._gens = itertools.count(1)
-
-    # ------------------------------------------------------------- arrivals
-    def _make(self, i: int, arrival_s: float) -> Request:
-        tr = self.trace
-        off = tr.hash_offsets
-        req = Request(i, arrival_s, int(tr.input_tokens[i]), int(tr.output_tokens[i]),
-                      self._dense[off[i]:off[i + 1]])
-        sid = int(tr.session_ids[i])
-        if sid >= 0:
-            req.session_id = sid
-        self.requests.append(req)
-        return req
 
     def _pick(self, router: Router, req: Request, lo: int, hi: int, now: float) -> int:
         workers = self.workers[lo:hi]
@@ -129,29 +104,11 @@ class DisaggCluster:
                 w.sync(now)
         return lo + router.choose(req, self.engines[lo:hi])
 
-    def _route(self, req: Request, now: float) -> None:
+    def _route(self, req: Request, now: float, parked: bool = False) -> None:
         req.stop_at = 1
         req.hold_kv = True
         w = self._pick(self.prefill_router, req, 0, self.num_prefill, now)
         self.workers[w].submit(req, now)
-
-    def _open_loop(self, _ev: simpy.Event) -> None:
-        self.counter.events += 1
-        now = self.env.now
-        arrivals = self.trace.arrival_s
-        i = self._next_index
-        while i < self._num_total and arrivals[i] == now:
-            self._route(self._make(i, now), now)
-            i += 1
-        self._next_index = i
-        if i < self._num_total:
-            _at(self.env, float(arrivals[i]), ARRIVAL_PRIORITY, self._open_loop)
-
-    def _release(self, now: float) -> None:
-        i = self._next_index
-        if i < self._num_total:
-            self._next_index = i + 1
-            self._route(self._make(i, now), now)
 
     # ------------------------------------------------------------- handoff
     def on_done(self, req: Request, now: float) -> None:
@@ -228,37 +185,16 @@ class DisaggCluster:
 
     # ----------------------------------------------------------------- end
     def _finished(self, req: Request, now: float) -> None:
-        for router in (self.prefill_router, self.decode_router):
-            self._router_done(router, req, now)  # routers forget requests they never saw
-        self._num_done += 1
-        if self._progress is not None and (self._num_done >= self._next_report
-                                           or self._num_done == self._num_total):
-            self._progress(self._num_done, self._num_total)
-            self._next_report = self._num_done + max(1, self._num_total // 100)
-        if self.closed_loop is not None:
-            self._release(now)
+        # the prefill router's hook runs in Cluster.on_done (self.router); routers
+        # forget requests they never saw
+        self._router_done(self.decode_router, req, now)
+        super().on_done(req, now)
 
     @staticmethod
     def _router_done(router: Router, req: Request, now: float) -> None:
         hook = getattr(router, "on_done", None)
         if hook is not None:
             hook(req, now)
-
-    def run(self) -> SimOutcome:
-        if self._num_total:
-            if self.closed_loop is None:
-                _at(self.env, float(self.trace.arrival_s[0]), ARRIVAL_PRIORITY, self._open_loop)
-            else:
-                first = min(self.closed_loop.concurrency, self._num_total)
-
-                def start(_ev: simpy.Event) -> None:
-                    for _ in range(first):
-                        self._release(0.0)
-
-                _at(self.env, 0.0, ARRIVAL_PRIORITY, start)
-        self.env.run()
-        self.requests.sort(key=lambda r: r.rid)
-        return SimOutcome(self.requests, self.engines, self.counter.events)
 
     # -------------------------------------------------------------- report
     def link_summary(self, t0: float, t1: float) -> dict[str, Any]:
