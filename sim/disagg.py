@@ -135,6 +135,8 @@ class DisaggCluster(Cluster):
             self._finished(req, now)
             return
         d = self._pick(self.decode_router, req, self.num_prefill, self.num_workers, now)
+        # the decode worker's cache as of now (a fast-forward run takes its blocks late)
+        self.workers[d].sync_kv(now)
         lacking = self.engines[d].lacking_tokens(req)
         nbytes = lacking * self.kv_bytes_per_token
         name = self._link_name(p, d)

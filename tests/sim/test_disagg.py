@@ -169,3 +169,23 @@ def test_pd_invariants_and_fast_forward_equivalence(case) -> None:
         else:
             assert (other == col).all(), name
     np.testing.assert_allclose(rec_ff.token_times_s, rec_step.token_times_s, rtol=1e-9)
+
+
+def test_handoff_bytes_read_the_decode_cache_as_of_now() -> None:
+    """Found by the property test: the decode worker was mid-run in fast-forward mode and
+    had not yet taken (evicting) the blocks its started steps take, so it seemed to hold
+    more of the prompt and the transfer was shorter than in step-by-step mode."""
+    ids = [10000, 10100, 0, 10300, 10400, 10401, 10402, 10403, 0, 10501, 10600, 10700, 10800]
+    off = [0, 1, 2, 3, 4, 8, 10, 11, 12, 13]
+    trace = make_trace([0.0] * 9, [1, 1, 2, 1, 13, 6, 1, 1, 1], [1, 1, 11, 23, 9, 2, 1, 1, 1],
+                       [ids[off[i]:off[i + 1]] for i in range(9)], hash_block_tokens=4)
+    cfg = VllmConfig(max_num_seqs=2, max_num_batched_tokens=8, num_gpu_blocks=24, block_size=2,
+                     max_model_len=46)
+    kw = dict(trace=trace, cfg=cfg, closed_loop=ClosedLoop(2), bandwidth=1000.0,
+              timing=LinearTiming(base=0.05, per_prefill_token=0.001, per_decode_seq=0.002,
+                                  per_context=1e-5))
+    step, _, rec_step = run_pd(**kw, fast_forward=False)
+    ff, _, rec_ff = run_pd(**kw, fast_forward=True)
+    assert [h.nbytes for h in ff.handoffs] == [h.nbytes for h in step.handoffs]
+    np.testing.assert_allclose(rec_ff.columns["finish_s"], rec_step.columns["finish_s"],
+                               rtol=1e-9)
