@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from heapq import heappush
@@ -138,6 +139,12 @@ class Worker:
         a router that reads prefix caches only, and far cheaper than ``sync``."""
         plan = self.plan
         if plan is None or plan.num_steps <= 1:
+            return
+        ev = plan.ev_steps  # the run's steps that take a block, in order
+        if not ev:
+            return
+        i = bisect_left(ev, plan.handed)  # the next one: has it started? (most often not)
+        if i == len(ev) or ev[i] >= plan.num_steps or plan.ends[ev[i] - 1] >= now:
             return
         last = plan.num_steps - 1
         m = int(np.searchsorted(plan.ends[:last], now, side="right"))

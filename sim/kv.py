@@ -260,7 +260,10 @@ class BlockPool:
         b0 = int(self._index[k0])
         if b0 < 0 or self.blk_key[b0] != k0:
             return 0
-        return int(self.lookup(keys).size)
+        # block 0 (the null block) never holds a key, so a missing entry (-1 -> 0) fails
+        ok = self.blk_key[np.maximum(self._index[keys], 0)] == keys
+        first_miss = int(ok.argmin())  # 0 also when nothing misses: ok[0] tells
+        return first_miss if not ok[first_miss] else int(keys.size)
 
     # ------------------------------------------------------------------ views
     @property

@@ -143,3 +143,21 @@ def test_prefix_layout_fast_tiling_matches_the_general_formula() -> None:
         k = (end - 1) // t
         want = dense[k] * ((t - 1) // bs + 1) + (end - k * t - 1) // bs
         assert lay.keys.tolist() == want.tolist()
+
+
+def test_num_cached_prefix_equals_the_lookup_length() -> None:
+    """The router's count of a request's cached leading blocks against the engine's
+    lookup, over random fills, frees and evictions."""
+    rng = np.random.default_rng(5)
+    pool = BlockPool(12, 4, 4, num_hash_ids=40)
+    held: list[list[int]] = []
+    for _ in range(300):
+        if held and rng.random() < 0.4:
+            pool.free(held.pop(int(rng.integers(len(held)))))
+        elif pool.num_free >= 3:
+            ids = pool.allocate(3)
+            start = int(rng.integers(0, 37))
+            pool.cache(np.asarray(ids), np.arange(start, start + 3))
+            held.append(ids)
+        keys = np.arange(int(rng.integers(0, 30)), 40)[: int(rng.integers(0, 8))]
+        assert pool.num_cached_prefix(keys) == pool.lookup(keys).size
