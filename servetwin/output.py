@@ -103,7 +103,8 @@ def write_records(path: Path, records: Records) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     # token times: byte-stream-split makes float columns compress (20 MB, not 32 MB,
     # for the Mooncake trace) at a fraction of plain zstd's time
-    pq.write_table(records_table(records), tmp, compression="zstd",
+    # (zstd level 1: the same size here as the default level, 15 % faster)
+    pq.write_table(records_table(records), tmp, compression="zstd", compression_level=1,
                    use_dictionary=["status", "reject_reason"],
                    column_encoding={"token_times_s": "BYTE_STREAM_SPLIT"})
     os.replace(tmp, path)

@@ -45,8 +45,9 @@ free-queue stamp: still the one they got when freed).
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class BlockPool:
         # key -> block id; the smallest integer type that holds a block id, since
         # the index has one entry per (trace block, slot) of the whole trace
         dtype = np.int16 if num_blocks <= 2**15 else np.int32 if num_blocks <= 2**31 else np.int64
-        self._index = np.full(size, -1, dtype=dtype)
+        self._index: np.ndarray = np.full(size, -1, dtype=dtype)
         ids = np.arange(1, num_blocks, dtype=np.int64)
         self._queue: deque[tuple[np.ndarray, np.ndarray]] = deque()
         self._head = 0
@@ -85,6 +86,14 @@ class BlockPool:
         self.num_evicted = 0
         # offload tiers below this pool (sim.offload): evicted prefix blocks go down
         self.lower: OffloadTiers | None = None
+        # a fleet's shared "which pool holds this key" bitmap (KeyPresence), and this
+        # pool's bit in it; None unless a router asked for one
+        self._pmask: np.ndarray | None = None
+        self._pbit: Any = None  # a numpy unsigned scalar of the bitmap's width
+        # a lagged router view fed by this pool's store/remove events (KeyEventView),
+        # and the simulated time the engine's current block operations happen at
+        self._plog: KeyEventView | None = None
+        self.clock = 0.0
 
     # ------------------------------------------------------------------ queue
     def _append_free(self, ids: np.ndarray) -> None:
@@ -159,6 +168,12 @@ class BlockPool:
             self.num_evicted += n_ev
             if self.lower is not None:
                 self.lower.store(old[evicted])
+            if self._pmask is not None:
+                gone = old[evicted]
+                gone = gone[self._index[gone] == ids[evicted]]  # the indexed copies only
+                self._pmask[gone] &= ~self._pbit
+                if self._plog is not None and gone.size:
+                    self._plog.push(self.clock, gone, self._pbit, False)
         key[ids] = NO_KEY
         out: list[int] = ids.tolist()
         return out
@@ -200,6 +215,10 @@ class BlockPool:
             if key[b] != NO_KEY:
                 if self.lower is not None:
                     self.lower.store([int(key[b])])
+                if self._pmask is not None and self._index[key[b]] == b:
+                    self._pmask[key[b]] &= ~self._pbit
+                    if self._plog is not None:
+                        self._plog.push(self.clock, key[b:b + 1].copy(), self._pbit, False)
                 key[b] = NO_KEY
                 self.num_evicted += 1
         return out
@@ -239,6 +258,10 @@ class BlockPool:
         if held.any():
             ids, keys = ids[~held], keys[~held]
         self._index[keys] = ids
+        if self._pmask is not None:
+            self._pmask[keys] |= self._pbit
+            if self._plog is not None and keys.size:
+                self._plog.push(self.clock, np.array(keys, dtype=np.int64), self._pbit, True)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Block ids of the longest leading run of ``keys`` found in the cache."""
@@ -292,6 +315,115 @@ class BlockPool:
         """The live block indexed under ``key``, or -1."""
         b = int(self._index[key])
         return b if b >= 0 and self.blk_key[b] == key else -1
+
+
+class KeyPresence:
+    """Which of a fleet's pools hold each prefix key: one bit per pool in one array,
+    kept by the pools as they index and evict blocks. A router asking "how many
+    leading blocks of this prompt does each worker hold" then gathers the prompt's
+    keys once for the whole fleet instead of once per worker. The pools must share
+    one key space (block size, hash block size, trace); at most 64 pools."""
+
+    MAX_POOLS = 64
+
+    @classmethod
+    def fits(cls, pools: list[BlockPool]) -> bool:
+        """Whether one bitmap can stand for these pools (one key space, <= 64)."""
+        return 0 < len(pools) <= cls.MAX_POOLS and len({p.num_keys for p in pools}) == 1
+
+    def __init__(self, pools: list[BlockPool]) -> None:
+        n = len(pools)
+        if not 0 < n <= self.MAX_POOLS:
+            raise ValueError(f"KeyPresence holds 1 to {self.MAX_POOLS} pools, not {n}")
+        sizes = {p.num_keys for p in pools}
+        if len(sizes) != 1:
+            raise ValueError(f"pools with different key spaces: {sorted(sizes)}")
+        dtype = next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
+                     if n <= 8 * np.dtype(t).itemsize)
+        self.num_pools = n
+        self.mask = np.zeros(sizes.pop(), dtype=dtype)
+        for i, p in enumerate(pools):
+            bit = dtype(1 << i)
+            if p.enable_caching and p.num_keys:
+                k = np.flatnonzero(p._index >= 0)  # none at start
+                k = k[p.blk_key[p._index[k]] == k]
+                self.mask[k] |= bit
+            p._pmask, p._pbit = self.mask, bit
+
+    def leading_counts(self, keys: np.ndarray) -> np.ndarray:
+        """For each pool, the length of the longest leading run of ``keys`` it holds
+        (each pool's ``num_cached_prefix``), as one int64 array."""
+        return _leading_counts(self.mask, keys, self.num_pools)
+
+
+def _leading_counts(mask: np.ndarray, keys: np.ndarray, num_pools: int) -> np.ndarray:
+    out = np.zeros(num_pools, dtype=np.int64)
+    if keys.size == 0 or mask.size == 0:  # (no pool caches: an empty key space)
+        return out
+    m = mask[keys]
+    if not m[0]:
+        return out
+    run = np.bitwise_and.accumulate(m)  # bit i stays set while pool i holds them all
+    run = run.astype(run.dtype.newbyteorder("<"), copy=False)  # a no-op on x86/arm
+    bits = np.unpackbits(run.view(np.uint8).reshape(run.size, run.itemsize), axis=1,
+                         bitorder="little")  # column i = pool i (little-endian words)
+    counts: np.ndarray = bits.sum(axis=0, dtype=np.int64)[:num_pools]
+    return counts
+
+
+class KeyEventView:
+    """A router's own, lagging copy of a fleet's ``KeyPresence``: the pools publish
+    each store (a block indexed under a key) and remove (an indexed block
+    reallocated) with the simulated time it happened, and the view applies an
+    event only ``lag_s`` after it. Dynamo's KV router works so: workers publish
+    KV events (BlockStored / BlockRemoved) that reach the router's indexer over
+    the event plane some time later (ai-dynamo/dynamo:lib/llm/src/kv_router/
+    indexer.rs @ 2025; DynoSim replays them with a configurable event lag).
+    With ``lag_s == 0`` it equals the exact view.
+
+    The engines stamp events with the start of the step that did the block
+    operation (``BlockPool.clock``), in step-by-step and fast-forward mode alike,
+    and the cluster syncs every worker to "now" before a decision, so every event
+    up to now has been published when the view reads it."""
+
+    def __init__(self, presence: KeyPresence, pools: list[BlockPool], lag_s: float) -> None:
+        self.mask = presence.mask.copy()
+        self.num_pools = presence.num_pools
+        self.lag_s = float(lag_s)
+        self.num_events = 0
+        self._heap: list[tuple[float, int, np.ndarray, Any, bool]] = []
+        for p in pools:
+            p._plog = self
+
+    def adopt(self, old: KeyEventView) -> None:
+        """Carry over what ``old`` (the view of a smaller fleet) has seen and has yet
+        to see; a new worker's pool starts empty, so its bits are right as they are."""
+        old_bits: Any = self.mask.dtype.type((1 << old.num_pools) - 1)
+        self.mask[:] = (self.mask & ~old_bits) | old.mask
+        cast = self.mask.dtype.type
+        self._heap = [(t, seq, keys, cast(bit), stored) for t, seq, keys, bit, stored in old._heap]
+        heapq.heapify(self._heap)
+        self.num_events = old.num_events
+
+    def push(self, t: float, keys: np.ndarray, bit: Any, stored: bool) -> None:
+        heapq.heappush(self._heap, (t, self.num_events, keys, bit, stored))
+        self.num_events += 1
+
+    def apply_until(self, now: float) -> None:
+        """Apply, in time order, the events that happened at or before ``now - lag_s``."""
+        heap, mask = self._heap, self.mask
+        cut = now - self.lag_s
+        while heap and heap[0][0] <= cut:
+            _, _, keys, bit, stored = heapq.heappop(heap)
+            if stored:
+                mask[keys] |= bit
+            else:
+                mask[keys] &= ~bit
+
+    def leading_counts(self, keys: np.ndarray, now: float) -> np.ndarray:
+        """``KeyPresence.leading_counts`` as the router sees the caches at ``now``."""
+        self.apply_until(now)
+        return _leading_counts(self.mask, keys, self.num_pools)
 
 
 class PrefixLayout:

@@ -38,9 +38,11 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from .engines.sglang import SglangEngine
 from .engines.vllm import VllmEngine
 from .errors import ScenarioError
-from .kv import PrefixLayout
+from .kv import KeyEventView, KeyPresence, PrefixLayout
+from .radix import request_segments
 from .registry import Registry
 from .request import Request
 
@@ -75,6 +77,12 @@ def worker_view(engine: Any) -> WorkerView:
         return WorkerView(engine.waiting, engine.running, engine.hash_block_tokens,
                           engine.config.block_size,
                           lambda req, memo: _vllm_cached_tokens(engine, req, memo))
+    if isinstance(engine, SglangEngine):
+        chunked = engine.chunked  # the one request between chunks is outstanding too
+        running = engine.running if chunked is None else [*engine.running, chunked]
+        return WorkerView(engine.waiting, running, engine.hash_block_tokens,
+                          engine.config.page_size,
+                          lambda req, memo: _sglang_cached_tokens(engine, req, memo))
     raise TypeError(f"routers cannot read a {type(engine).__name__}: "
                     "add a branch to sim.router.worker_view")
 
@@ -90,6 +98,17 @@ def _vllm_cached_tokens(engine: VllmEngine, req: Request, memo: dict[Any, Any]) 
     return pool.num_cached_prefix(keys) * bs
 
 
+def _sglang_cached_tokens(engine: SglangEngine, req: Request, memo: dict[Any, Any]) -> int:
+    """Tokens of the prompt the radix cache holds (as SGLang's own match would find
+    them, at most prompt - 1), read without touching the tree."""
+    key = ("radix", engine.hash_block_tokens)
+    segs = memo.get(key)
+    if segs is None:
+        segs = memo[key] = request_segments(req.hash_ids, req.prompt_tokens,
+                                            engine.hash_block_tokens, req.rid)
+    return engine.pool.peek(segs, req.prompt_tokens - 1)
+
+
 def _same_layout_pools(engines: Sequence[Any]) -> tuple[list[Any], int, int] | None:
     """The block pools of vLLM engines that share block size and hash block size (so
     one request's keys fit all), with those sizes; None otherwise."""
@@ -100,6 +119,12 @@ def _same_layout_pools(engines: Sequence[Any]) -> tuple[list[Any], int, int] | N
         return None
     bs, hbt = layouts.pop()
     return [e.pool for e in engines], bs, hbt
+
+
+def pools_engine_layout(engine: VllmEngine, req: Request) -> PrefixLayout:
+    """The request's prefix layout as ``engine`` (and every pool of its layout) makes
+    it, memoised on the request as the engine does."""
+    return engine._layout(req)
 
 
 def num_outstanding(view: WorkerView) -> int:
@@ -301,6 +326,11 @@ class KvAware:
     blocks the worker holds (``view: exact``: the engine's prefix cache read now,
     converted from engine blocks to tokens to router blocks).
 
+    ``view: events``: the router's own copy of the caches (sim.kv.KeyEventView), fed
+    by the workers' block stored/removed events, each applied ``event_lag_ms`` after
+    the step that caused it, as Dynamo's indexer receives KV events over its event
+    plane. vLLM workers sharing one block layout only; lag 0 equals ``exact``.
+
     ``view: approx`` is Dynamo's ApproxKvIndexer (ai-dynamo/dynamo:
     lib/llm/src/kv_router/approx.rs @ 2025): no engine reads; the router assumes
     the blocks of a request it routed are cached on that worker for ``ttl_s``
@@ -323,19 +353,23 @@ class KvAware:
     def __init__(self, num_workers: int, rng: np.random.Generator,
                  overlap_score_weight: float = 1.0, temperature: float = 0.0,
                  view: str = "exact", ttl_s: float = 120.0, block_size: int | None = None,
-                 cost: str = "dynamo", tie_break: str = "random") -> None:
+                 cost: str = "dynamo", tie_break: str = "random",
+                 event_lag_ms: float = 0.0) -> None:
         where = "cluster.router"
-        if view not in ("exact", "approx"):
-            raise ScenarioError(f"{where}.view", f"view = {view!r}: unknown", "use exact or approx")
+        if view not in ("exact", "approx", "events"):
+            raise ScenarioError(f"{where}.view", f"view = {view!r}: unknown",
+                                "use exact, events or approx")
         if tie_break not in ("random", "first"):
             raise ScenarioError(f"{where}.tie_break", f"tie_break = {tie_break!r}: unknown",
                                 "use random or first")
         for name, value, ok in (("temperature", temperature, temperature >= 0),
                                 ("ttl_s", ttl_s, ttl_s > 0),
+                                ("event_lag_ms", event_lag_ms, event_lag_ms >= 0),
                                 ("block_size", block_size, block_size is None or block_size >= 1)):
             if not ok:
                 raise ScenarioError(f"{where}.{name}", f"{name} = {value}: out of range",
-                                    "temperature >= 0, ttl_s > 0, block_size >= 1")
+                                    "temperature >= 0, ttl_s > 0, event_lag_ms >= 0, "
+                                    "block_size >= 1")
         self.num_workers = num_workers
         self.rng = rng
         self.overlap_score_weight = float(overlap_score_weight)
@@ -345,7 +379,9 @@ class KvAware:
         self.block_size = block_size
         self.cost_fn = COST_FUNCTIONS.get(cost, f"{where}.cost")
         self.tie_break = tie_break
-        self.state_dependent = view == "exact"
+        self.event_lag_s = float(event_lag_ms) / 1e3
+        self._events: KeyEventView | None = None  # view: events
+        self.state_dependent = view in ("exact", "events")
         self.reads_kv_only = True  # prefix caches only: the cluster need not commit tokens
         self.decode_blocks = np.zeros(num_workers, dtype=np.int64)
         self._routed: dict[int, tuple[int, int]] = {}  # rid -> (worker, blocks)
@@ -354,6 +390,7 @@ class KvAware:
         self._units: tuple[int, int] | None = None  # (router block tokens, hash block tokens)
         self._cached_tokens: list[Callable[[Request, dict[Any, Any]], int]] = []
         self._pools: tuple[list[Any], int, int] | None = None
+        self._presence: KeyPresence | None = None
 
     # ----------------------------------------------------------------- decision
     def choose(self, req: Request, engines: Sequence[Any],
@@ -374,16 +411,42 @@ class KvAware:
             self.num_workers = len(engines)
         ids = np.arange(len(engines)) if candidates is None else np.asarray(candidates)
         keys: np.ndarray | None = None
-        if self.view == "exact":
+        if self.view != "approx":
             if len(self._cached_tokens) != len(engines):  # built once (again as a fleet grows)
                 self._cached_tokens = [worker_view(e).cached_tokens for e in engines]
                 self._pools = _same_layout_pools(engines)
+                self._presence = (KeyPresence(self._pools[0])
+                                  if self._pools is not None
+                                  and KeyPresence.fits(self._pools[0]) else None)
+                if self.view == "events":
+                    if self._presence is None or self._pools is None:
+                        raise ScenarioError(
+                            "cluster.router.view", "view = events needs vLLM workers that "
+                            f"share one block layout, at most {KeyPresence.MAX_POOLS}",
+                            "use view: exact (reads the caches now) or view: approx")
+                    if self._events is not None:  # a grown fleet: keep what was seen
+                        old = self._events
+                        self._events = KeyEventView(self._presence, self._pools[0],
+                                                    self.event_lag_s)
+                        self._events.adopt(old)
+                    else:
+                        self._events = KeyEventView(self._presence, self._pools[0],
+                                                    self.event_lag_s)
             if self._pools is not None:
                 # every worker a vLLM pool with one block layout: one key array for all
                 pools, ebs, ehbt = self._pools
-                keys = PrefixLayout(req.hash_ids, req.prompt_tokens, ebs, ehbt).keys
-                overlap = np.fromiter((pools[i].num_cached_prefix(keys) * ebs // bs
-                                       for i in ids.tolist()), dtype=np.int64, count=len(ids))
+                if req.layout is None:  # made here once, kept for the engine it goes to
+                    keys = pools_engine_layout(engines[0], req).keys
+                else:  # a layout of another pool (P/D's prefill side)
+                    keys = PrefixLayout(req.hash_ids, req.prompt_tokens, ebs, ehbt).keys
+                if self._events is not None:  # the router's lagging copy
+                    overlap = self._events.leading_counts(keys, now)[ids] * ebs // bs
+                elif self._presence is not None:  # one gather for the whole fleet
+                    overlap = self._presence.leading_counts(keys)[ids] * ebs // bs
+                else:
+                    overlap = np.fromiter((pools[i].num_cached_prefix(keys) * ebs // bs
+                                           for i in ids.tolist()), dtype=np.int64,
+                                          count=len(ids))
                 keys = None
             else:
                 memo: dict[Any, Any] = {}
@@ -407,14 +470,14 @@ class KvAware:
         return w
 
     def _pick(self, costs: np.ndarray) -> int:
-        top = costs.max()
-        norm = costs / top if top > 0 else costs
-        lo, hi = norm.min(), norm.max()
-        if self.temperature == 0:
-            tied = np.flatnonzero(norm == lo)
+        if self.temperature == 0:  # the lowest cost (Dynamo normalises first: same argmin)
+            tied = np.flatnonzero(costs == costs.min())
             if tied.size == 1 or self.tie_break == "first":
                 return int(tied[0])
             return int(tied[self.rng.integers(tied.size)])
+        top = costs.max()
+        norm = costs / top if top > 0 else costs
+        lo, hi = norm.min(), norm.max()
         if hi == lo:
             return int(self.rng.integers(norm.size))
         z = -norm / ((hi - lo) * self.temperature)

@@ -161,3 +161,49 @@ def test_num_cached_prefix_equals_the_lookup_length() -> None:
             held.append(ids)
         keys = np.arange(int(rng.integers(0, 30)), 40)[: int(rng.integers(0, 8))]
         assert pool.num_cached_prefix(keys) == pool.lookup(keys).size
+
+
+# ------------------------------------------------------- fleet key presence
+def test_key_presence_matches_every_pool_under_random_operations() -> None:
+    """The shared bitmap a KV-aware router reads must say, for any prompt, exactly
+    what each pool's own index says (num_cached_prefix), through allocations that
+    evict indexed and duplicate copies, in both allocation paths (few and many)."""
+    from sim.kv import KeyPresence
+
+    r = np.random.default_rng(3)
+    pools = [BlockPool(num_blocks=int(r.integers(6, 24)), block_size=2, hash_block_tokens=2,
+                       num_hash_ids=12) for _ in range(3)]
+    pools[1].cache(pools[1].allocate(2), ids(4, 5))  # state before the bitmap exists
+    presence = KeyPresence(pools)
+    held: list[list[list[int]]] = [[] for _ in pools]
+    for _ in range(600):
+        i = int(r.integers(len(pools)))
+        p = pools[i]
+        if held[i] and (r.random() < 0.4 or p.num_free < 4):
+            p.free(held[i].pop(int(r.integers(len(held[i])))))
+            continue
+        n = int(r.integers(1, min(p.num_free, 16) + 1))
+        blocks = p.allocate(n)
+        start = int(r.integers(0, 12))
+        keys = (start + np.arange(n)) % 12  # prefixes overlap: duplicate copies arise
+        k = int(r.integers(0, n + 1))
+        p.cache(blocks[:k], keys[:k])
+        held[i].append(blocks)
+        for _probe in range(3):
+            a = int(r.integers(0, 12))
+            probe = (a + np.arange(int(r.integers(0, 8)))) % 12
+            assert presence.leading_counts(probe).tolist() == [
+                q.num_cached_prefix(probe) for q in pools]
+    assert presence.mask.dtype == np.uint8
+    assert all(p.num_evicted > 20 for p in pools)  # the bitmap saw evictions
+
+
+def test_key_presence_word_size_follows_the_fleet() -> None:
+    from sim.kv import KeyPresence
+
+    pools = [BlockPool(num_blocks=4, block_size=2, hash_block_tokens=2, num_hash_ids=4)
+             for _ in range(20)]
+    pools[17].cache(pools[17].allocate(2), ids(0, 1))
+    presence = KeyPresence(pools)
+    assert presence.mask.dtype == np.uint32
+    assert presence.leading_counts(ids(0, 1, 2)).tolist() == [0] * 17 + [2] + [0, 0]
