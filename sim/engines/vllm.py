@@ -165,6 +165,7 @@ class VllmEngine:
     # -------------------------------------------------------------- schedule
     def schedule(self, now: float) -> StepPlan | None:
         plan = StepPlan(now)
+        self.pool.clock = now  # stamps the pool's KV events (a lagged router view)
         budget = self._schedule_running(plan, self.config.max_num_batched_tokens)
         refused = True
         if not plan.preempted:
@@ -515,7 +516,19 @@ class VllmEngine:
             return
         reqs = plan.requests
         pool = self.pool
-        if pool.lower is None:
+        if pool._plog is not None:
+            # a lagged router view reads each eviction's time: take the blocks step by
+            # step, stamped with the step's start, as step-by-step mode does
+            ids = []
+            i = lo_ev
+            while i < hi_ev:
+                j = bisect_right(steps, steps[i], i, hi_ev)
+                st = steps[i]
+                pool.clock = plan.start_s if st == 0 else float(plan.ends[st - 1])
+                ids.extend(pool.allocate(j - i) if pool.lower is None
+                           else [pool.allocate(1)[0] for _ in range(j - i)])
+                i = j
+        elif pool.lower is None:
             ids = pool.allocate(hi_ev - lo_ev)
         else:
             # one block at a time, as step-by-step mode takes them: what each eviction

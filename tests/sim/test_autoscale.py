@@ -33,7 +33,9 @@ def run_scaled(trace, cfg=CFG, initial=1, delay=None, interval=10.0, max_workers
     planner = Planner(policy or LoadPolicy(), PlannerLimits(1, max_workers), interval)
     scaler = Autoscaler(planner, delay or FixedDelay(30.0), engine,
                         np.random.default_rng(seed))
-    rt = make_router(router, {}, 64, np.random.default_rng(seed))
+    kind, params = (("kv_aware", {"view": "events", "event_lag_ms": 3000})
+                    if router == "kv_aware_events" else (router, {}))
+    rt = make_router(kind, params, 64, np.random.default_rng(seed))
     cluster = Cluster([engine() for _ in range(initial)], rt, trace, dense, autoscaler=scaler)
     outcome = cluster.run()
     return cluster, scaler, outcome, build_records(outcome)
@@ -95,7 +97,8 @@ def bursts(draw: st.DrawFn):
                 interval=draw(st.sampled_from([2.0, 5.0, 10.0])),
                 max_workers=draw(st.integers(2, 4)),
                 router=draw(st.sampled_from(["round_robin", "least_outstanding_requests",
-                                             "kv_aware", "power_of_two"])),
+                                             "kv_aware", "kv_aware_events",
+                                             "power_of_two"])),
                 policy=LoadPolicy(kv_scale_up=0.6, kv_scale_down=0.2,
                                   queue_scale_up=0.5, queue_scale_down=0.2),
                 cfg=VllmConfig(max_num_seqs=draw(st.integers(1, 4)), max_num_batched_tokens=32,

@@ -154,6 +154,8 @@ def test_kv_aware_rejects_bad_parameters() -> None:
         make_router("kv_aware", {"cost": "nope"}, 2, rng())
     with pytest.raises(ScenarioError, match="temperature"):
         make_router("kv_aware", {"temperature": -1}, 2, rng())
+    with pytest.raises(ScenarioError, match="event_lag_ms"):
+        make_router("kv_aware", {"view": "events", "event_lag_ms": -5}, 2, rng())
 
 
 # ------------------------------------------------------------ other routers

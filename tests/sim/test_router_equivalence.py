@@ -25,6 +25,8 @@ ROUTER_CASES = [
     ("kv_aware", {"view": "exact", "overlap_score_weight": 4.0, "block_size": 4}),
     ("kv_aware", {"view": "approx", "ttl_s": 3.0, "block_size": 4}),
     ("kv_aware", {"view": "exact", "temperature": 0.5, "block_size": 2}),
+    ("kv_aware", {"view": "events", "event_lag_ms": 0, "block_size": 2}),
+    ("kv_aware", {"view": "events", "event_lag_ms": 1500, "block_size": 2}),
 ]
 
 
@@ -80,3 +82,28 @@ def test_mid_run_eviction_is_seen_by_a_kv_aware_router(ff: bool) -> None:
     _, rec = run(trace, cfg, 2, ff, timing, None, "kv_aware",
                  {"view": "exact", "tie_break": "first"})
     assert rec.columns["worker_id"].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("ff", [False, True])
+@pytest.mark.parametrize(("lag_ms", "third"), [(0, 1), (400, 1), (600, 0), (1000, 0)])
+def test_kv_event_lag_hides_an_eviction_until_it_arrives(ff: bool, lag_ms: int,
+                                                         third: int) -> None:
+    """The case above through the router's event view: worker 0 evicts hash 2 at
+    16 s and hash 1 at 19 s (BlockRemoved events stamped with those step starts);
+    R3 arrives at 19.5 s. With a lag of 400 ms the view holds events up to 19.1 s:
+    both evictions seen, worker 1 as with the exact view. With 600 ms (events up to
+    18.9 s) or 1 s, hash 1's eviction is still on its way: worker 0 seems to hold
+    R3's first block, cost 1 prefill + 1 active = 2 against worker 1's 2 + 0, a tie
+    that goes to worker 0, which then recomputes the whole prompt."""
+    from sim.engines.vllm import VllmConfig
+    from tests.sim.factories import LinearTiming, make_trace
+
+    trace = make_trace([0.0, 10.0, 19.5], [4, 1, 4], [1, 12, 2], [[1, 2], [], [1, 2]],
+                       hash_block_tokens=2)
+    cfg = VllmConfig(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks=5,
+                     block_size=2, max_model_len=64)
+    timing = LinearTiming(base=1.0, per_prefill_token=0.1, per_decode_seq=0.5)
+    _, rec = run(trace, cfg, 2, ff, timing, None, "kv_aware",
+                 {"view": "events", "event_lag_ms": lag_ms, "tie_break": "first"})
+    assert rec.columns["worker_id"].tolist() == [0, 0, third]
+    assert rec.columns["num_cached_tokens"].tolist()[2] == 0  # nothing left to hit
