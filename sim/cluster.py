@@ -140,7 +140,10 @@ class Worker:
         plan = self.plan
         if plan is None or plan.num_steps <= 1:
             return
-        ev = plan.ev_steps  # the run's steps that take a block, in order
+        ev = getattr(plan, "ev_steps", None)  # the run's steps that take a block, in order
+        if ev is None:  # an engine without a KV-only sync (SGLang): the whole state
+            self.sync(now)
+            return
         if not ev:
             return
         i = bisect_left(ev, plan.handed)  # the next one: has it started? (most often not)

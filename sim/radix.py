@@ -288,6 +288,29 @@ class RadixCache:
         self.num_private_tokens -= num_tokens
         assert self.num_private_tokens >= 0
 
+    def peek(self, segs: Segments, limit: int) -> int:
+        """``match``'s length without its effects (no access stamps or hit counts, no
+        split): what a router reading this cache sees."""
+        if not self.enable:
+            return 0
+        page = self.page_size
+        limit -= limit % page
+        node = self.root
+        pos = 0
+        while pos < limit:
+            child = node.children.get(_label_at(segs, pos))
+            if child is None:
+                break
+            m = _common(child, segs, min(child.end, limit))
+            m -= (m - child.start) % page
+            if m <= child.start:
+                break
+            pos = m
+            if m < child.end:
+                break
+            node = child
+        return pos
+
     # ------------------------------------------------- fast-forward replay
     def match_path(self, segs: Segments, limit: int) -> list[Node] | None:
         """The nodes ``match`` would touch, without touching them; None if ``match``

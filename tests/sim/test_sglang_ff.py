@@ -5,6 +5,7 @@ retraction."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,12 +19,14 @@ from tests.sim.factories import LinearTiming, make_trace
 
 
 def run_sglang(trace, cfg: SglangConfig, num_workers: int, fast_forward: bool,
-               timing=None, closed_loop=None):  # -> (SimOutcome, Records)
+               timing=None, closed_loop=None, router_kind: str = "round_robin",
+               router_params: dict | None = None):  # -> (SimOutcome, Records)
     """tests/sim/factories.py run_cluster, with SGLang engines."""
     dense, n_ids = dense_hash_ids(trace.hash_ids)
     engines = [SglangEngine(cfg, timing or LinearTiming(), trace.hash_block_tokens, n_ids,
                             fast_forward=fast_forward) for _ in range(num_workers)]
-    router = make_router("round_robin", {}, num_workers, np.random.default_rng(0))
+    router = make_router(router_kind, dict(router_params or {}), num_workers,
+                         np.random.default_rng(0))
     outcome = Cluster(engines, router, trace, dense, closed_loop).run()  # type: ignore[arg-type]
     return outcome, build_records(outcome)
 
@@ -128,6 +131,58 @@ def test_fast_forward_equals_step_by_step(case) -> None:
     check_invariants(trace, *step)
     check_invariants(trace, *ff)
     assert_same(step, ff)
+
+
+SGLANG_ROUTERS = [
+    ("kv_aware", {"view": "exact", "block_size": 2}),
+    ("kv_aware", {"view": "exact", "overlap_score_weight": 4.0, "temperature": 0.5}),
+    ("least_outstanding_requests", {}),
+    ("least_outstanding_tokens", {}),
+    ("power_of_two", {}),
+]
+
+
+@pytest.mark.parametrize(("kind", "params"), SGLANG_ROUTERS,
+                         ids=[f"{k}-{i}" for i, (k, _) in enumerate(SGLANG_ROUTERS)])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                 HealthCheck.function_scoped_fixture])
+@given(case=scenarios())
+def test_routers_reading_sglang_workers_fast_forward_equals_step_by_step(kind, params,
+                                                                        case) -> None:
+    """Routers that read the workers mid-run (queues, the radix cache) see the same
+    state in both modes: the cluster syncs an SGLang run's steps before they read."""
+    trace, cfg, workers, closed, timing = case
+    workers = max(workers, 2)
+    step = run_sglang(trace, cfg, workers, False, timing, closed, kind, params)
+    ff = run_sglang(trace, cfg, workers, True, timing, closed, kind, params)
+    check_invariants(trace, *step)
+    check_invariants(trace, *ff)
+    assert_same(step, ff)
+
+
+def test_kv_aware_reads_the_radix_cache_without_touching_it() -> None:
+    """Worker 1 holds hash ids [1, 2] (8 tokens, one id per 4 tokens); a request on
+    [1, 2, 3] (12 tokens) costs 3 blocks to prefill on worker 0 and 1 (the last id)
+    on worker 1: worker 1. The router's reads leave the tree's access stamps and
+    hit counts as they were."""
+    from sim.router import KvAware
+
+    cfg = _cfg(max_total_tokens=200)
+    es = [SglangEngine(cfg, LinearTiming(), 4, 10, fast_forward=True) for _ in range(2)]
+    warm = make_trace([0.0], [8], [1], [[1, 2]], hash_block_tokens=4)
+    dense, _ = dense_hash_ids(warm.hash_ids)
+    Cluster([es[1]], make_router("round_robin", {}, 1, np.random.default_rng(0)), warm,
+            dense, None).run()  # type: ignore[arg-type]
+    before = (es[1].pool._clock, es[1].pool.num_tree_tokens)
+    router = make_router("kv_aware", {"tie_break": "first"}, 2, np.random.default_rng(0))
+    assert isinstance(router, KvAware)
+    from tests.sim.factories import make_request
+
+    req = make_request(5, 12, 1, hash_ids=[0, 1, 7])  # dense ids: 1 -> 0, 2 -> 1; 7 new
+    assert router.choose(req, es) == 1
+    assert [(w, o, p) for w, o, p, _d, _c in router.last_costs] == [(0, 0, 3), (1, 2, 1)]
+    assert (es[1].pool._clock, es[1].pool.num_tree_tokens) == before
 
 
 # ------------------------------------------------------------------ hand-made runs
