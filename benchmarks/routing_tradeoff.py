@@ -37,6 +37,10 @@ ROUTERS = {
     # affinity alone (the limit of a huge weight): no load term at all
     "kv_overlap_only": ["cluster.router.kind=kv_aware", "cluster.router.cost=overlap_only"],
     "least_outstanding_tokens": ["cluster.router.kind=least_outstanding_tokens"],
+    # the router's own copy of the caches, fed by KV events that arrive late
+    **{f"kv_aware_lag{lag}s": ["cluster.router.kind=kv_aware", "cluster.router.view=events",
+                               f"cluster.router.event_lag_ms={lag * 1000}"]
+       for lag in (1, 10, 60)},
 }
 
 
