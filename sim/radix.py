@@ -51,7 +51,9 @@ class Node:
         self.start = start
         self.end = end
         self.segs = segs
-        self.children: dict[int, Node] = {}  # keyed by the label of the first token
+        # keyed by the first page's labels (RadixCache.key): with pages of one token
+        # the first token's label
+        self.children: dict[Any, Node] = {}
         self.lock_ref = 0
         self.last_access = stamp
         self.created = stamp
@@ -94,6 +96,23 @@ def _label_at(segs: Segments, pos: int) -> int:
         if end > pos:
             return label
     raise IndexError(pos)
+
+
+def _page_key(segs: Segments, pos: int, page: int) -> Any:
+    """The labels of tokens [pos, pos + page) as (label, run length) pairs: SGLang keys
+    a node's children by their first page (RadixCache.get_child_key with page_size > 1,
+    sgl-project/sglang:python/sglang/srt/mem_cache/radix_cache.py @ v0.5.x), so two
+    sequences that differ inside the first page are siblings, not one child."""
+    out = []
+    hi = pos + page
+    for label, end in segs:
+        if end <= pos:
+            continue
+        out.append((label, min(end, hi) - pos))
+        pos = min(end, hi)
+        if pos >= hi:
+            break
+    return tuple(out)
 
 
 def _common(node: Node, segs: Segments, hi: int) -> int:
@@ -159,6 +178,12 @@ class RadixCache:
         """Slots in use, evictable cache excluded (SGLang's token usage)."""
         return self.capacity_tokens - self.num_free - self.num_evictable_tokens
 
+    def key_at(self, segs: Segments, pos: int) -> Any:
+        """A child's key for a sequence at ``pos`` (a node's: its segs at its start)."""
+        if self.page_size == 1:
+            return _label_at(segs, pos)
+        return _page_key(segs, pos, self.page_size)
+
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
@@ -173,7 +198,7 @@ class RadixCache:
         pos = 0
         stamp = self._tick()
         while pos < limit:
-            child = node.children.get(_label_at(segs, pos))
+            child = node.children.get(self.key_at(segs, pos))
             if child is None:
                 break
             m = _common(child, segs, min(child.end, limit))
@@ -196,11 +221,11 @@ class RadixCache:
         mid.lock_ref = child.lock_ref
         mid.last_access = child.last_access
         mid.hit_count = child.hit_count
-        parent.children[child.segs[0][0]] = mid
+        parent.children[self.key_at(child.segs, child.start)] = mid
         child.segs = _clip(child.segs, p, child.end)
         child.start = p
         child.parent = mid
-        mid.children[child.segs[0][0]] = child
+        mid.children[self.key_at(child.segs, child.start)] = child
         self.num_nodes += 1
         return mid
 
@@ -214,7 +239,7 @@ class RadixCache:
         pos, node = self.match(segs, length)
         if pos < length:
             leaf = Node(node, pos, length, _clip(segs, pos, length), self._tick())
-            node.children[leaf.segs[0][0]] = leaf
+            node.children[self.key_at(leaf.segs, leaf.start)] = leaf
             self.num_nodes += 1
             n = length - pos
             self.num_tree_tokens += n
@@ -253,7 +278,7 @@ class RadixCache:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             assert parent is not None
-            del parent.children[node.segs[0][0]]
+            del parent.children[self.key_at(node.segs, node.start)]
             freed += node.num_tokens
             self.num_tree_tokens -= node.num_tokens
             self.num_evictable_tokens -= node.num_tokens
@@ -298,7 +323,7 @@ class RadixCache:
         node = self.root
         pos = 0
         while pos < limit:
-            child = node.children.get(_label_at(segs, pos))
+            child = node.children.get(self.key_at(segs, pos))
             if child is None:
                 break
             m = _common(child, segs, min(child.end, limit))
@@ -323,7 +348,7 @@ class RadixCache:
         node = self.root
         pos = 0
         while pos < limit:
-            child = node.children.get(_label_at(segs, pos))
+            child = node.children.get(self.key_at(segs, pos))
             if child is None:
                 break
             m = _common(child, segs, min(child.end, limit))

@@ -299,7 +299,7 @@ class SglangEngine:
             self._admit(plan, budget)
         if not plan.scheduled:
             return False
-        if mixed and self._take(len(mixed)):
+        if mixed and self._take(self._decode_tokens(mixed)):
             # --enable-mixed-chunk: the decodes ride in the extend batch
             # (ScheduleBatch.mix_with_running)
             for req in mixed:
@@ -318,7 +318,7 @@ class SglangEngine:
         truncated = n < ext
         if truncated:
             n -= n % self.config.page_size
-        if n <= 0 or not self._take(n):
+        if n <= 0 or not self._take(self._slots(req.num_computed, req.num_computed + n)):
             return
         budget.offset += n + (0 if truncated else self._max_new(req))
         self._charge(budget, n)
@@ -383,7 +383,7 @@ class SglangEngine:
             if chunk:
                 assert budget.rem_chunk is not None
                 n = budget.rem_chunk - budget.rem_chunk % page
-            if n <= 0 or not pool.allocate(n):
+            if n <= 0 or not pool.allocate(self._slots(prefix, prefix + n)):
                 pool.unlock(node)
                 break
             self.waiting.popleft()
@@ -425,6 +425,16 @@ class SglangEngine:
 
     def _take(self, n: int) -> bool:
         return self.pool.allocate(n)
+
+    def _slots(self, lo: int, hi: int) -> int:
+        """Pool slots a request takes to grow its KV from ``lo`` to ``hi`` tokens: whole
+        pages (a request holds ceil(tokens / page) pages; its cached prefix is
+        page-aligned, as matches and inserts floor to pages), so pages are taken,
+        passed to the tree and released in the same unit."""
+        page = self.config.page_size
+        if page == 1:
+            return hi - lo
+        return -(-hi // page) * page - -(-lo // page) * page
 
     # ---------------------------------------------------------------- decode
     def _decode(self, plan: SglangPlan) -> None:
@@ -475,7 +485,7 @@ class SglangEngine:
 
     def _release(self, req: Request, retract: bool) -> None:
         seq = self._seqs.pop(req.rid)
-        self.pool.release(req.num_computed - seq.prefix)
+        self.pool.release(self._slots(seq.prefix, req.num_computed))
         self.pool.unlock(seq.node)
         if retract:
             # Req.reset_for_retract: KV dropped, the cached prefix stays in the tree;
@@ -492,10 +502,8 @@ class SglangEngine:
         plan.used = self.pool.num_used
         # a run starts from a decode batch (no extend batch formed: a one-token
         # extend also counts as a decode in the aggregates) that retracted nobody
-        # page_size > 1: the step-by-step slot accounting is not yet sound (pages
-        # taken at decode, tokens released at insert), so no runs are planned there
         if (self.fast_forward and decode and not plan.preempted and self.chunked is None
-                and self.config.page_size == 1 and len(plan.scheduled) == len(self.running)):
+                and len(plan.scheduled) == len(self.running)):
             k = self._plan_run(plan)
             if k > 1:
                 dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)

@@ -228,3 +228,19 @@ def test_cluster_run_completes_every_request() -> None:
         assert np.all(np.diff(ends) > 0)
         assert e.pool.num_private_tokens == 0 and not e.has_work
         assert e.pool.num_evictable_tokens == e.pool.num_tree_tokens  # nothing locked
+
+
+def test_pages_that_differ_inside_the_first_page_are_siblings() -> None:
+    """page_size 4: A = [h1 x4 | h2 x4], B = [h1 x2 | h3 x6] share two tokens, less than
+    a page, so B matches nothing and becomes a second child of the root (keyed by its
+    first page, as SGLang does), not a replacement of A's entry. Both stay reachable:
+    evicting 16 tokens frees both (before this, B overwrote A's key and A's 8 tokens
+    leaked: counted evictable, never found)."""
+    c = RadixCache(32, page_size=4)
+    a, b = [(1, 4), (2, 8)], [(1, 2), (3, 8)]
+    assert c.insert(a, 8)[0] == 0
+    assert c.match(b, 8)[0] == 0
+    assert c.insert(b, 8)[0] == 0
+    assert len(c.root.children) == 2 and c.num_tree_tokens == 16
+    assert c.match(a, 8)[0] == 8 and c.match(b, 8)[0] == 8
+    assert c.evict(16) == 16 and c.num_tree_tokens == 0 and c.num_evictable_tokens == 0

@@ -66,10 +66,8 @@ def check_invariants(trace, outcome, records) -> None:
 
 @st.composite
 def scenarios(draw: st.DrawFn):
-    # page_size > 1 breaks the step-by-step model itself (private slots are taken
-    # per page at decode but released per token at insert): runs are planned for
-    # page_size 1 only, and only that is drawn
-    page = 1
+    # page_size > 1: slots are taken, cached and released in whole pages
+    page = draw(st.sampled_from([1, 1, 2, 4]))
     pool = draw(st.integers(24, 600))
     chunk = draw(st.sampled_from([-1, 8, 16, 64, 256]))
     decay = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
