@@ -75,15 +75,25 @@ def default_root() -> Path:
     return repo / "shared" / "data" / "timing" / "aiconfigurator"
 
 
-def _table(root: Path, system: str, family: str, backend: str, name: str) -> Path:
+def _versions(root: Path, system: str, family: str, backend: str, name: str) -> list[str]:
+    """Versions holding the table, oldest-looking first ("0.5.6.post2" < "0.5.14")."""
     base = root / system / family / backend
-    versions = sorted(p.name for p in base.glob("*") if (p / name).is_file())
+    versions = [p.name for p in base.glob("*") if (p / name).is_file()]
+    return sorted(versions, key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split(".")])
+
+
+def _table(root: Path, system: str, family: str, backend: str, name: str,
+           version: str | None = None) -> Path:
+    """The table at `version` when that version measured it, else the newest-looking one
+    (a version may hold only some families: SGLang 0.5.6.post2 on h100_sxm has GEMMs
+    only). samples() refuses a version that holds none of the tables, and
+    table_versions() shows which version each table came from."""
+    base = root / system / family / backend
+    versions = _versions(root, system, family, backend, name)
     if not versions:
         raise InputError(str(base), f"no {name} for {system} / {backend}",
                          f"check the system and backend, or --aic-dir (looked under {root})")
-    if len(versions) > 1:  # the newest-looking version; stored sets hold one per backend
-        versions.sort(key=lambda v: [int(x) if x.isdigit() else -1 for x in v.split(".")])
-    return base / versions[-1] / name
+    return base / (version if version in versions else versions[-1]) / name
 
 
 def _bracket(grid: list[int], x: float) -> list[tuple[int, float]]:
@@ -125,7 +135,7 @@ class GemmTable:
         """Milliseconds of y[m, n] = x[m, k] · W[k, n]."""
         if m > self.m[-1]:
             raise InputError(self.where, f"m = {m} tokens is beyond the table's {self.m[-1]}",
-                             "use smaller batches")
+                             "use smaller batches (--aic-max-tokens)")
         ms = _bracket(self.m, m)
         total = 0.0
         for mv, wm in ms:
@@ -167,9 +177,12 @@ def _allreduce(path: Path, backend: str, tp: int) -> tuple[list[int], dict[int, 
 
 def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
             dtype: str = "bf16", root: str | Path | None = None,
-            max_tokens: int = 16384) -> pd.DataFrame:
+            max_tokens: int = 16384, version: str | None = None) -> pd.DataFrame:
     """Pure-prefill and pure-decode forward passes on the attention tables' grids, in the
-    calibrate.measurements schema; measured_s is the composed sum (see the module doc)."""
+    calibrate.measurements schema; measured_s is the composed sum (see the module doc).
+    version: the backend version to read (default: the newest-looking per table); a table
+    that version did not measure comes from the newest version that did, named in the
+    rows' `source` (table_versions)."""
     if model.is_moe or model.is_mla:
         raise InputError(model.name, "MoE / MLA models are not composed from op tables yet",
                          "use a dense model")
@@ -179,13 +192,18 @@ def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
         raise InputError("dtype", f"{dtype!r} is not known", f"use {', '.join(_GEMM_DTYPE)}")
     model.check_tp(tp)
     root = Path(root) if root else default_root()
-    paths = {
-        "gemm": _table(root, system, "gemm", backend, "gemm_perf.csv.gz"),
-        "ctx": _table(root, system, "attention", backend, "context_attention_perf.csv.gz"),
-        "gen": _table(root, system, "attention", backend, "generation_attention_perf.csv.gz"),
-    }
+    tables = {"gemm": ("gemm", "gemm_perf.csv.gz"),
+              "ctx": ("attention", "context_attention_perf.csv.gz"),
+              "gen": ("attention", "generation_attention_perf.csv.gz")}
     if tp > 1:
-        paths["ar"] = _table(root, system, "comm", backend, "custom_allreduce_perf.csv.gz")
+        tables["ar"] = ("comm", "custom_allreduce_perf.csv.gz")
+    paths = {key: _table(root, system, family, backend, name, version)
+             for key, (family, name) in tables.items()}
+    if version is not None and all(p.parent.name != version for p in paths.values()):
+        known = sorted({v for family, name in tables.values()
+                        for v in _versions(root, system, family, backend, name)})
+        raise InputError("--aic-version", f"{version!r}: no {system} / {backend} table "
+                         "at that version", f"use one of {', '.join(known)}")
     gemm_df = pd.read_csv(paths["gemm"])
     gemm = GemmTable.from_frame(gemm_df, _GEMM_DTYPE[dtype], str(paths["gemm"]))
     lm_gemm = gemm if dtype != "fp8" else GemmTable.from_frame(gemm_df, "bfloat16",
@@ -210,7 +228,7 @@ def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
                                                       lm.in_features)
 
     source = ";".join(str(p.relative_to(root)) for p in paths.values())
-    version = paths["gemm"].parent.name
+    version = version or paths["gemm"].parent.name
     kv_room = gpu.hbm_capacity_bytes - model.weight_bytes(dtype, tp)
     kv_per_token = model.kv_bytes_per_token("bf16", tp)
     rows: list[dict[str, object]] = []
@@ -235,6 +253,16 @@ def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
 def _row(p: int, a: float, n_p: int, d: int, c: int, ms: float) -> dict[str, object]:
     return {"num_prefill_tokens": p, "prefill_attn_work": a, "num_prefill_seqs": n_p,
             "num_decode_seqs": d, "decode_context_tokens": c, "measured_s": ms * _MS}
+
+
+def table_versions(df: pd.DataFrame) -> dict[str, str]:
+    """Table file name -> the version folder it was read from, over the rows' sources."""
+    out: dict[str, str] = {}
+    for s in sources(df):
+        parts = Path(s).parts
+        if len(parts) >= 5:  # <system>/<family>/<backend>/<version>/<table>
+            out[parts[-1]] = parts[-2]
+    return out
 
 
 def sources(df: pd.DataFrame) -> list[str]:
