@@ -151,10 +151,12 @@ class GemmTable:
 
 def _attention_rows(path: Path, model: ModelSpec, tp: int) -> pd.DataFrame:
     df = pd.read_csv(path)
+    full = (df["window_size"] == 0) if "window_size" in df.columns else True  # (some
+    # versions' tables have no sliding-window column: full attention only)
     sel = df[(df["num_heads"] == model.num_attention_heads // tp)
              & (df["num_key_value_heads"] == model.kv_heads_per_gpu(tp))
              & (df["head_dim"] == model.head_dim) & (df["kv_cache_dtype"] == "bfloat16")
-             & (df["window_size"] == 0)]
+             & full]
     if sel.empty:
         raise InputError(str(path), f"no rows for {model.num_attention_heads // tp} heads, "
                          f"{model.kv_heads_per_gpu(tp)} KV heads, head_dim {model.head_dim}",

@@ -46,10 +46,23 @@ class BundleSpec:
     model: str
     tps: tuple[int, ...]
     dtype: str = "bf16"
+    max_tokens: int = 16384  # largest batch (tokens) composed: the GEMM table's reach
 
 
-BUNDLE = (BundleSpec("h100_sxm", "vllm", "Qwen/Qwen3-32B", (1, 2, 4, 8)),
-          BundleSpec("h100_sxm", "vllm", "Qwen/Qwen3-32B", (1, 2, 4, 8), "fp8"))
+# Every system x backend the op tables hold, for the dense models the tables' shapes
+# reach: Llama-3.1-8B at TP 1-2, Qwen3-32B at TP 1-8, Llama-3.1-70B at TP 2-8 (its bf16
+# weights, 141 GB, do not fit one 80 GB GPU); plus fp8 Qwen3-32B on H100 vLLM.
+BUNDLE = (
+    *(BundleSpec(system, backend, model, tps,
+                 # A100 vLLM 0.14.0's GEMM table stops at m = 8192
+                 max_tokens=8192 if (system, backend) == ("a100_sxm", "vllm") else 16384)
+      for system in ("h100_sxm", "h200_sxm", "a100_sxm")
+      for backend in ("vllm", "sglang")
+      for model, tps in (("meta-llama/Llama-3.1-8B", (1, 2)),
+                         ("Qwen/Qwen3-32B", (1, 2, 4, 8)),
+                         ("meta-llama/Llama-3.1-70B", (2, 4, 8)))),
+    BundleSpec("h100_sxm", "vllm", "Qwen/Qwen3-32B", (1, 2, 4, 8), "fp8"),
+)
 
 
 def slug(model: str) -> str:
@@ -68,7 +81,8 @@ def build(spec: BundleSpec, out_dir: Path = PROFILE_DIR, k: int = 5,
     frames: dict[int, pd.DataFrame] = {}
     for tp in spec.tps:
         try:
-            frames[tp] = aic.samples(model, gpu, tp, spec.system, spec.backend, spec.dtype)
+            frames[tp] = aic.samples(model, gpu, tp, spec.system, spec.backend, spec.dtype,
+                                     max_tokens=spec.max_tokens)
         except ServetwinError as e:  # shape not in the tables: say so, build the rest
             print(f"  skip TP {tp}: {e}")
     if not frames:
@@ -101,8 +115,18 @@ def build(spec: BundleSpec, out_dir: Path = PROFILE_DIR, k: int = 5,
     return written
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m calibrate.bundle",
+                                description="regenerate the bundled timing profiles")
+    p.add_argument("--only", nargs="*", default=[], metavar="WORD",
+                   help="only the specs whose 'system backend model dtype' contains every WORD")
+    args = p.parse_args(argv)
     for spec in BUNDLE:
+        label = f"{spec.system} {spec.backend} {spec.model} {spec.dtype}"
+        if not all(w.lower() in label.lower() for w in args.only):
+            continue
         print(f"calibrate.bundle: {spec.system} {spec.backend} {spec.model} {spec.dtype} "
               f"TP {spec.tps}")
         for path in build(spec):

@@ -89,7 +89,9 @@ def test_nearest_profile_is_noted() -> None:
     assert best is not None and best.tp == 8 and notes == ["no TP 16 profile: used TP 8's"]
     best, notes = val.pick_profile(profiles, "h100_sxm", "vllm", "Qwen/Qwen3-8B", 2)
     assert best is not None and best.tp == 2 and notes[0].startswith("no Qwen/Qwen3-8B profile")
-    assert val.pick_profile(profiles, "h100_sxm", "sglang", "Qwen/Qwen3-32B", 2) == (None, [])
+    best, notes = val.pick_profile(profiles, "h100_sxm", "sglang", "Qwen/Qwen3-32B", 2)
+    assert best is not None and (best.backend, best.tp) == ("sglang", 2) and notes == []
+    assert val.pick_profile(profiles, "b200_sxm", "vllm", "Qwen/Qwen3-32B", 2) == (None, [])
     bf16 = [p for p in profiles if p.dtype == "bf16"]
     best, notes = val.pick_profile(bf16, "h100_sxm", "vllm", "Qwen/Qwen3-32B", 2, "fp8")
     assert best is not None and notes == ["no fp8 profile: used a bf16-fitted one"]
