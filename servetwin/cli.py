@@ -62,7 +62,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from .output import format_summary
 
-    loaded = load_scenario(args.scenario, args.set)
+    sets = [*args.set, *(["simulation.intervals=true"] if args.intervals else [])]
+    loaded = load_scenario(args.scenario, sets)
     sc = loaded.scenario
     t0 = time.perf_counter()
     resolved = resolve(loaded)
@@ -128,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reports", default="reports", help="folder for run folders")
     s.add_argument("--out", default=None, help="exact output folder (default reports/<run-id>)")
     s.add_argument("--csv", action="store_true", help="write records.csv instead of parquet")
+    s.add_argument("--intervals", action="store_true",
+                   help="carry the timing profile's 90 %% prediction intervals into the "
+                   "latencies (two more runs; same as --set simulation.intervals=true)")
     s.add_argument("--step-by-step", action="store_true",
                    help="disable fast-forward (one event per forward pass)")
     s.set_defaults(func=cmd_simulate)

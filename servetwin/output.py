@@ -156,4 +156,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         st = s[key]
         vals = "".join(f"{1000 * st[k]:>10.2f}" for k in ("mean", "p50", "p90", "p99"))
         lines.append(f"  {label:<14}{vals}")
+    unc = s.get("uncertainty")
+    if unc:
+        lines.append("")
+        lines.append(f"  90 % band from {unc['source']}'s intervals (every pass at its "
+                     "interval's fast / slow end)")
+        for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E")):
+            if key in unc:
+                cells = "".join(f"{p} {1e3 * b['low']:,.1f}-{1e3 * b['high']:,.1f}  "
+                                for p, b in unc[key].items())
+                lines.append(f"  {label:<6}{cells.rstrip()} ms")
     return "\n".join(lines)

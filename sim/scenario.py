@@ -228,6 +228,9 @@ class SimulationSpec(_Model):
     timeline: StrictBool = False
     # merge identical consecutive decode steps beyond this many per worker (None: never)
     timeline_max_steps_per_worker: int | None = Field(default=200_000, ge=1)
+    # carry the timing profile's 90 % prediction intervals into the latencies: two more
+    # runs, every pass at its interval's fast / slow end (sim.uncertainty)
+    intervals: StrictBool = False
 
 
 class Scenario(_Model):

@@ -8,7 +8,7 @@ count); ``simulate`` runs the cluster and returns a ``SimResult``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
@@ -29,6 +29,7 @@ from .router import make_router
 from .scenario import LoadedScenario, SglangEngineSpec, VllmEngineSpec, one_line
 from .timeline import Timeline
 from .timing import RooflineTiming, TimingModel, TimingProfile
+from .uncertainty import ScaledTiming, band, interval_factors
 from .workload import ClosedLoop, Trace, load_trace, synthesize
 
 GiB = 1024**3
@@ -47,6 +48,8 @@ class Resolved:
     timing_note: str = "analytic prior (sim/timing.py TimingProfile defaults)"
     # disaggregated prefill/decode: per pool, its engine knobs, timing and KV note
     pools: dict[str, tuple[VllmConfig, TimingModel, str]] | None = None
+    # the timing profile's fit section (intervals), when it came from a profile file
+    timing_fit: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         e = self.engine
@@ -381,13 +384,48 @@ def resolve(loaded: LoadedScenario) -> Resolved:
             ptiming = RooflineTiming(model, gpu, spec.tensor_parallel_size, sc.dtype, profile,
                                      kv_dtype=kv_dtype_for(sc.dtype))
             pools[name] = (cfg, ptiming, pnote)
-    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note, timing_note, pools)
+    fit = None
+    if sc.timing.profile_name is not None:
+        path = find_profile(sc.timing.profile_name, loaded.base_dir)
+        fit = dict(read_profile(path)[1]["fit"]) if path is not None else None
+    if sc.simulation.intervals and not (fit and fit.get("intervals")):
+        raise ScenarioError(loaded.where("simulation", "intervals"),
+                            "simulation.intervals needs a timing profile with fit intervals; "
+                            + ("this one has none" if fit is not None
+                               else "the analytic prior has none"),
+                            "set timing.profile_name to a profile written by `servetwin "
+                            "calibrate` (bundled ones have them), or turn intervals off")
+    return Resolved(loaded, trace, model, gpu, engine, timing, closed, note, timing_note, pools,
+                    fit)
 
 
 def simulate(resolved: Resolved, fast_forward: bool | None = None,
              progress: Callable[[int, int], None] | None = None) -> SimResult:
     sc = resolved.loaded.scenario
     ff = sc.simulation.fast_forward if fast_forward is None else fast_forward
+    result = _simulate(resolved, ff, progress)
+    if sc.simulation.intervals:
+        assert resolved.timing_fit is not None  # resolve checked it
+        where = resolved.loaded.where("timing", "profile_name")
+        fast, slow = interval_factors(resolved.timing_fit, where)
+        ends = [_simulate(_scaled(resolved, f), ff, None).summary for f in (fast, slow)]
+        result.summary["uncertainty"] = band(result.summary, ends[0], ends[1], (fast, slow),
+                                             str(sc.timing.profile_name))
+    return result
+
+
+def _scaled(resolved: Resolved, factors: dict[str, float]) -> Resolved:
+    """The same run with every pass's time scaled by its regime's factor."""
+    pools: dict[str, tuple[VllmConfig, TimingModel, str]] | None = None
+    if resolved.pools is not None:
+        pools = {n: (c, ScaledTiming(t, factors), note)
+                 for n, (c, t, note) in resolved.pools.items()}
+    return replace(resolved, timing=ScaledTiming(resolved.timing, factors), pools=pools)
+
+
+def _simulate(resolved: Resolved, ff: bool,
+              progress: Callable[[int, int], None] | None) -> SimResult:
+    sc = resolved.loaded.scenario
     trace = resolved.trace
     dense, num_ids = dense_hash_ids(trace.hash_ids)
     cfg = resolved.engine
