@@ -32,7 +32,7 @@ With ``page_size`` > 1 matches and inserts are floored to whole pages.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # a request's unique segment runs to "infinity"
@@ -313,11 +313,11 @@ class RadixCache:
         self.num_private_tokens -= num_tokens
         assert self.num_private_tokens >= 0
 
-    def peek(self, segs: Segments, limit: int) -> int:
-        """``match``'s length without its effects (no access stamps or hit counts, no
-        split): what a router reading this cache sees."""
+    def _walk(self, segs: Segments, limit: int) -> Iterator[tuple[Node, int]]:
+        """The nodes ``match`` would pass, read only: (node, matched end in it), the
+        last one possibly matched part-way (``match`` would split it there)."""
         if not self.enable:
-            return 0
+            return
         page = self.page_size
         limit -= limit % page
         node = self.root
@@ -325,41 +325,31 @@ class RadixCache:
         while pos < limit:
             child = node.children.get(self.key_at(segs, pos))
             if child is None:
-                break
+                return
             m = _common(child, segs, min(child.end, limit))
             m -= (m - child.start) % page
             if m <= child.start:
-                break
-            pos = m
+                return
+            yield child, m
             if m < child.end:
-                break
-            node = child
-        return pos
+                return
+            node, pos = child, m
+
+    def peek(self, segs: Segments, limit: int) -> int:
+        """``match``'s length without its effects (no access stamps or hit counts, no
+        split): what a router reading this cache sees."""
+        ends = [m for _, m in self._walk(segs, limit)]
+        return ends[-1] if ends else 0
 
     # ------------------------------------------------- fast-forward replay
     def match_path(self, segs: Segments, limit: int) -> list[Node] | None:
         """The nodes ``match`` would touch, without touching them; None if ``match``
         would split a node (the tree would change: no replay then)."""
         path: list[Node] = []
-        if not self.enable:
-            return path
-        page = self.page_size
-        limit -= limit % page
-        node = self.root
-        pos = 0
-        while pos < limit:
-            child = node.children.get(self.key_at(segs, pos))
-            if child is None:
-                break
-            m = _common(child, segs, min(child.end, limit))
-            m -= (m - child.start) % page
-            if m <= child.start:
-                break
+        for child, m in self._walk(segs, limit):
             if m < child.end:
                 return None
             path.append(child)
-            node = child
-            pos = m
         return path
 
     def replay_matches(self, paths: list[list[Node]], rounds: int) -> None:

@@ -61,6 +61,17 @@ def test_router_fast_forward_equivalence(kind, params, case) -> None:
     np.testing.assert_allclose(rec_f.token_times_s, rec_s.token_times_s, rtol=1e-9)
 
 
+def _eviction_case():  # -> (trace, VllmConfig, timing)
+    from sim.engines.vllm import VllmConfig
+    from tests.sim.factories import LinearTiming, make_trace
+
+    trace = make_trace([0.0, 10.0, 19.5], [4, 1, 4], [1, 12, 2], [[1, 2], [], [1, 2]],
+                       hash_block_tokens=2)
+    cfg = VllmConfig(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks=5,
+                     block_size=2, max_model_len=64)
+    return trace, cfg, LinearTiming(base=1.0, per_prefill_token=0.1, per_decode_seq=0.5)
+
+
 @pytest.mark.parametrize("ff", [False, True])
 def test_mid_run_eviction_is_seen_by_a_kv_aware_router(ff: bool) -> None:
     """Worker 0 (4 usable blocks of 2 tokens) first serves R1 (prompt hash 1, 2; one
@@ -71,14 +82,7 @@ def test_mid_run_eviction_is_seen_by_a_kv_aware_router(ff: bool) -> None:
     Worker 0 caches nothing of it any more: cost 2 prefill + 1 active block = 3
     against worker 1's 2 + 0, so worker 1. Had the run not taken step 6's block yet
     (hash 1 still cached) the costs would tie at 2 and worker 0 would win."""
-    from sim.engines.vllm import VllmConfig
-    from tests.sim.factories import LinearTiming, make_trace
-
-    trace = make_trace([0.0, 10.0, 19.5], [4, 1, 4], [1, 12, 2], [[1, 2], [], [1, 2]],
-                       hash_block_tokens=2)
-    cfg = VllmConfig(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks=5,
-                     block_size=2, max_model_len=64)
-    timing = LinearTiming(base=1.0, per_prefill_token=0.1, per_decode_seq=0.5)
+    trace, cfg, timing = _eviction_case()
     _, rec = run(trace, cfg, 2, ff, timing, None, "kv_aware",
                  {"view": "exact", "tie_break": "first"})
     assert rec.columns["worker_id"].tolist() == [0, 0, 1]
@@ -95,14 +99,7 @@ def test_kv_event_lag_hides_an_eviction_until_it_arrives(ff: bool, lag_ms: int,
     18.9 s) or 1 s, hash 1's eviction is still on its way: worker 0 seems to hold
     R3's first block, cost 1 prefill + 1 active = 2 against worker 1's 2 + 0, a tie
     that goes to worker 0, which then recomputes the whole prompt."""
-    from sim.engines.vllm import VllmConfig
-    from tests.sim.factories import LinearTiming, make_trace
-
-    trace = make_trace([0.0, 10.0, 19.5], [4, 1, 4], [1, 12, 2], [[1, 2], [], [1, 2]],
-                       hash_block_tokens=2)
-    cfg = VllmConfig(max_num_seqs=4, max_num_batched_tokens=16, num_gpu_blocks=5,
-                     block_size=2, max_model_len=64)
-    timing = LinearTiming(base=1.0, per_prefill_token=0.1, per_decode_seq=0.5)
+    trace, cfg, timing = _eviction_case()
     _, rec = run(trace, cfg, 2, ff, timing, None, "kv_aware",
                  {"view": "events", "event_lag_ms": lag_ms, "tie_break": "first"})
     assert rec.columns["worker_id"].tolist() == [0, 0, third]
