@@ -146,12 +146,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify(sub)
     from .calibrate_cmd import add_parser as add_calibrate
     add_calibrate(sub)
+    r = sub.add_parser("refit", add_help=False,
+                       help="end-to-end refit: adjust a profile so the simulated replays of a "
+                       "verify run match its measured latencies (python -m calibrate.refit -h)")
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+    r.set_defaults(func=_cmd_refit)
     from .validate_cmd import add_parser as add_validate
     add_validate(sub)
     return p
 
 
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from calibrate.refit import main as refit_main
+
+    return refit_main(args.rest, prog="servetwin refit")
+
+
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["refit"]:  # its own parser (calibrate.refit), options included
+        from calibrate.refit import main as refit_main
+
+        return refit_main(given[1:], prog="servetwin refit")
     from sim.scenario import one_line
 
     args = build_parser().parse_args(argv)
