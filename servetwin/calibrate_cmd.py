@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -130,15 +131,22 @@ def _aic_samples(args: argparse.Namespace, model: Any, gpu: Any) -> Any:
     return df
 
 
-def _from_profile(flag: str | None, stored: Any, field: str, path: str) -> str:
-    if flag is not None:
-        return flag
-    if not isinstance(stored, str) or not stored:
-        from sim.errors import InputError
+def _from_profile(flag: str | None, stored: Any, field: str, path: str,
+                  load: Callable[[str], Any]) -> Any:
+    """The catalog entry (model or GPU) named by --FIELD if given, else by the profile's
+    provenance; an unknown provenance name is the profile's fault, named as such."""
+    from sim.errors import InputError
 
+    if flag is not None:
+        return load(flag)
+    if not isinstance(stored, str) or not stored:
         raise InputError(f"{path}: provenance.{field}", f"{stored!r}: missing",
                          f"give --{field}")
-    return stored
+    try:
+        return load(stored)
+    except InputError as e:
+        raise InputError(f"{path}: provenance.{field}", f"{stored!r}: {e.message}",
+                         f"give --{field}") from None
 
 
 def _against_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, int, str]:
@@ -151,14 +159,7 @@ def _against_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, int, s
     path = args.against
     profile, meta = load_profile(path)
     prov = meta["provenance"]
-    model_text = _from_profile(args.model, prov.get("model"), "model", path)
-    try:
-        model = load_model(model_text)
-    except InputError as e:
-        if args.model is not None:
-            raise
-        raise InputError(f"{path}: provenance.model", f"{model_text!r}: {e.message}",
-                         "give --model") from None
+    model = _from_profile(args.model, prov.get("model"), "model", path, load_model)
     stored_model = prov.get("model")
     if args.model is not None and stored_model and stored_model != model.name:
         try:
@@ -169,14 +170,7 @@ def _against_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, int, s
             raise InputError(f"{path}: provenance.model", f"{stored_model!r}, --model "
                              f"{args.model!r}", "compare a profile of the same model (drop "
                              "--model)")
-    gpu_text = _from_profile(args.gpu, prov.get("gpu"), "gpu", path)
-    try:
-        gpu = load_gpu(gpu_text)
-    except InputError as e:
-        if args.gpu is not None:
-            raise
-        raise InputError(f"{path}: provenance.gpu", f"{gpu_text!r}: {e.message}",
-                         "give --gpu") from None
+    gpu = _from_profile(args.gpu, prov.get("gpu"), "gpu", path, load_gpu)
     stored_tp = prov.get("tp", 1 if args.tp is None else args.tp)
     if isinstance(stored_tp, bool) or not isinstance(stored_tp, int) or stored_tp < 1:
         raise InputError(f"{path}: provenance.tp", f"{stored_tp!r}: not a TP degree",
