@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,12 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--engine-nice", type=int, default=0, metavar="N",
                    help="run the engine at nice +N (small hosts: keeps the load generator's "
                    "schedule when the engine's server shares its core)")
+    v.add_argument("--engine-cpus", default=None, metavar="LIST",
+                   help="pin the engine's processes to these processors, e.g. 0 or 0-3 "
+                   "(small hosts: with --loadgen-cpus, keeps them off the load generator's)")
+    v.add_argument("--loadgen-cpus", default=None, metavar="LIST",
+                   help="pin this process (load generator, scraper, predictions) to these "
+                   "processors, e.g. 1")
     v.add_argument("--port", type=int, default=8100, help="first port (one per worker)")
     v.add_argument("--ready-timeout", type=float, default=600.0, metavar="S")
     v.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
@@ -75,6 +82,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
         profile, _ = load_profile(args.profile)
         overrides += [f"timing.profile.{k}={v!r}" for k, v in profile.to_dict().items()]
+    engine_cpus = cpu_list(args.engine_cpus, "--engine-cpus")
+    loadgen_cpus = cpu_list(args.loadgen_cpus, "--loadgen-cpus")
+    if loadgen_cpus:
+        if not engine_cpus:  # an engine started from here would inherit the pin
+            engine_cpus = tuple(sorted(os.sched_getaffinity(0)))
+        os.sched_setaffinity(0, loadgen_cpus)
     if not args.endpoints and not args.model_path:
         raise InputError("--model-path", "missing", "give the weights the engine should "
                          "serve, or --endpoints of engines that already run")
@@ -83,7 +96,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         endpoints=args.endpoints,
         install=EngineInstall(python=args.engine_python, llama_server=args.llama_server,
                               env=env, extra_args=tuple(args.engine_arg),
-                              nice=args.engine_nice),
+                              nice=args.engine_nice, cpus=engine_cpus),
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
         warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,
@@ -94,6 +107,27 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for name, path in result.report.items():
         print(f"  wrote {name}: {path}")
     return 0
+
+
+def cpu_list(text: str | None, flag: str) -> tuple[int, ...]:
+    """'0', '0,2' or '0-3' as processor numbers this process may use; () for None."""
+    from sim.errors import InputError
+
+    if text is None:
+        return ()
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi if sep else lo) + 1))
+    except ValueError:
+        raise InputError(flag, f"{text!r} is not a processor list",
+                         "write e.g. 0, 0,2 or 0-3") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise InputError(flag, f"{text!r}: not among this machine's processors "
+                         f"{sorted(allowed)}", "pick processors this machine has")
+    return tuple(sorted(cpus))
 
 
 def format_comparison(comparison: Any) -> str:

@@ -75,6 +75,18 @@ class Deployment:
                 raise DeployError(f"{self.spec.engine}: cannot start {self.spec.argv[0]!r} "
                                   f"({e.strerror or e}). Fix: install the engine or point "
                                   "--engine-python / --llama-server at it") from None
+        if self.spec.cpus:
+            # pinned like the nice value below: the leader before it forks its workers
+            try:
+                os.sched_setaffinity(self.proc.pid, self.spec.cpus)
+                for pid in group_members(self.proc.pid):  # any it forked already
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(pid, self.spec.cpus)
+            except OSError as e:
+                self.stop()
+                raise DeployError(f"{self.spec.engine}: cannot pin to CPU(s) "
+                                  f"{list(self.spec.cpus)} ({e.strerror or e}). Fix: give "
+                                  "--engine-cpus from this machine's processors") from None
         if self.spec.nice:
             # the leader is reniced before it forks its workers (they inherit the value)
             with contextlib.suppress(OSError):

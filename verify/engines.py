@@ -38,6 +38,10 @@ class EngineInstall:
     # where the engine's API server shares a core with the load generator, a positive
     # value keeps the load generator on its schedule; GPU hosts have cores to spare.
     nice: int = 0
+    # processors the engine's processes may run on (os.sched_setaffinity; empty: any). On a
+    # small host, engine and its API server on one set and the load generator on another
+    # keep the generator's schedule without sharing a core
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class LaunchSpec:
     served_model_name: str
     notes: tuple[str, ...] = ()
     nice: int = 0
+    cpus: tuple[int, ...] = ()
 
     @property
     def base_url(self) -> str:
@@ -83,8 +88,10 @@ def render(engine: str, scenario: Scenario, model_path: str, *, port: int,
     if install.nice:
         notes.append(f"engine processes run at nice +{install.nice} so the load generator "
                      "keeps its schedule on a shared core")
+    if install.cpus:
+        notes.append(f"engine processes pinned to CPU(s) {','.join(map(str, install.cpus))}")
     return LaunchSpec(engine, argv, {**env, **install.env}, host, port, served_model_name,
-                      tuple(notes), install.nice)
+                      tuple(notes), install.nice, install.cpus)
 
 
 Built = tuple[list[str], dict[str, str], list[str]]

@@ -136,3 +136,29 @@ def test_nice_engine_runs_at_lower_priority_children_included(tmp_path: Path) ->
         members = group_members(d.pgid)
         assert len(members) == 2
         assert {os.getpriority(os.PRIO_PROCESS, p) for p in members} == {base + 7}
+
+
+def test_pinned_engine_runs_on_its_processors_children_included(tmp_path: Path) -> None:
+    cpu = min(os.sched_getaffinity(0))
+    s = spec(tmp_path)
+    s = LaunchSpec(s.engine, s.argv, s.env, s.host, s.port, s.served_model_name, cpus=(cpu,))
+    with Deployment(s, tmp_path / "e.log") as d:
+        assert d.pgid is not None
+        members = group_members(d.pgid)
+        assert len(members) == 2
+        assert all(os.sched_getaffinity(p) == {cpu} for p in members)
+
+
+def test_processor_lists() -> None:
+    from servetwin.verify_cmd import cpu_list
+    from sim.errors import InputError
+
+    have = sorted(os.sched_getaffinity(0))
+    assert cpu_list(None, "--engine-cpus") == ()
+    assert cpu_list(str(have[0]), "--engine-cpus") == (have[0],)
+    assert cpu_list(f"{have[0]}-{have[-1]}", "--engine-cpus") == tuple(range(have[0],
+                                                                             have[-1] + 1))
+    with pytest.raises(InputError, match="not a processor list"):
+        cpu_list("one", "--engine-cpus")
+    with pytest.raises(InputError, match="not among"):
+        cpu_list(str(max(have) + 1000), "--loadgen-cpus")
