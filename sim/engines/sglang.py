@@ -57,6 +57,7 @@ from ..radix import EVICTION_POLICIES, Node, RadixCache, Segments, request_segme
 from ..request import Request
 from ..steplog import StepLog
 from ..timing import TimingModel
+from .plan import PlanBase
 
 # sgl-project/sglang:python/sglang/srt/managers/schedule_policy.py @ v0.5.x
 LPM_FALLBACK_QUEUE_LEN = 128  # _determine_active_policy: lpm -> fcfs above this
@@ -139,55 +140,23 @@ class _Seq:
         self.node = node
 
 
-class SglangPlan:
-    """What one step, or one fast-forward run of decode steps, does (the cluster
-    reads ``end_s``, ``num_steps``, ``ends``)."""
+class SglangPlan(PlanBase):
+    """What one step, or one fast-forward run of decode steps, does."""
 
-    __slots__ = ("committed", "ctx_d", "cum_need", "ends", "first_step", "k_done",
-                 "lpm_fallback", "num_d", "num_p", "num_steps", "paths", "preempted",
-                 "ratios", "requests", "scheduled", "seqs_p", "start_s", "started", "used",
-                 "waiting_len", "work_p")
+    __slots__ = ("cum_need", "lpm_fallback", "paths", "ratios", "started")
 
     def __init__(self, start_s: float) -> None:
-        self.scheduled: list[tuple[Request, int]] = []
-        self.preempted: list[Request] = []  # retracted before this step
-        self.num_steps = 1
-        self.committed = 0
-        self.first_step = 0
-        self.start_s = start_s
-        self.ends: Any = []
+        super().__init__(start_s)
+        self.ends = []
         self.used = 0  # pool slots in use in step 0
-        self.waiting_len = 0
-        self.num_p = 0
-        self.work_p = 0.0
-        self.seqs_p = 0
-        self.num_d = 0
-        self.ctx_d = 0
-        # a fast-forward run only: its requests, decisions applied for steps
-        # [0, started), slots taken by steps 1..j (cum_need[j]), the ratio after j
-        # decisions (ratios[j]), the match paths one decision touches, lpm fallback
-        self.requests: list[Request] = []
+        # a fast-forward run only: decisions applied for steps [0, started), slots taken
+        # by steps 1..j (cum_need[j]), the ratio after j decisions (ratios[j]), the match
+        # paths one decision touches, lpm fallback
         self.started = 1
-        self.k_done = 0
         self.cum_need: Any = ()
         self.ratios: Any = ()
         self.paths: list[list[Node]] = []
         self.lpm_fallback = False
-
-    @property
-    def end_s(self) -> float:
-        return float(self.ends[self.num_steps - 1])
-
-    def add(self, req: Request, n: int) -> None:
-        self.scheduled.append((req, n))
-        c = req.num_computed
-        if n == 1 and c == req.num_tokens - 1:
-            self.num_d += 1
-            self.ctx_d += c + 1
-        else:
-            self.num_p += n
-            self.work_p += n * (c + (n + 1) / 2)
-            self.seqs_p += 1
 
 
 class _Budget:

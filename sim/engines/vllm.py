@@ -35,7 +35,6 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -43,6 +42,7 @@ from ..kv import BlockPool, PrefixLayout
 from ..request import Request
 from ..steplog import StepLog
 from ..timing import TimingModel
+from .plan import PlanBase
 
 
 @dataclass(frozen=True)
@@ -68,55 +68,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class StepPlan:
+class StepPlan(PlanBase):
     """What one step (or one fast-forward run of identical decode steps) does."""
 
-    __slots__ = ("committed", "ctx_d", "ends", "ev_owner", "ev_steps", "first_step", "handed",
-                 "k_done", "load_s",
-                 "num_d",
-                 "num_p", "num_steps", "preempted", "requests", "scheduled", "seqs_p",
-                 "start_s", "used", "waiting_len", "work_p")
+    __slots__ = ("ev_owner", "ev_steps", "handed", "load_s")
 
     def __init__(self, start_s: float) -> None:
-        self.scheduled: list[tuple[Request, int]] = []
-        self.preempted: list[Request] = []
-        self.num_steps = 1
-        self.committed = 0
+        super().__init__(start_s)
         self.handed = 1  # run steps [0, handed) have their blocks (step 0's at schedule)
-        self.first_step = 0
-        self.start_s = start_s
-        # step end times and KV blocks in use: lists for one step, arrays for a run
-        self.ends: Any = ()
-        self.used: Any = ()
-        # batch aggregates for the timing model
-        self.num_p = 0  # prefill tokens
-        self.work_p = 0.0  # prefill attention work, sum of n * (c + (n + 1) / 2)
-        self.seqs_p = 0  # prefill chunks
-        self.num_d = 0  # decoding sequences
-        self.ctx_d = 0  # their context tokens, new token included
-        self.waiting_len = 0
         self.load_s = 0.0  # KV loaded back from offload tiers during this step
-        # fast-forward run only: its requests, and one event per block it needs
-        # (step index within the run, index of the request), in allocation order
-        self.requests: list[Request] = []
+        # a run's block events: (step index within the run, index of the request), in
+        # allocation order
         self.ev_steps: list[int] = []
         self.ev_owner: list[int] = []
-        self.k_done = 0  # steps until the first request of the run finishes
-
-    @property
-    def end_s(self) -> float:
-        return float(self.ends[self.num_steps - 1])
-
-    def add(self, req: Request, n: int) -> None:
-        self.scheduled.append((req, n))
-        c = req.num_computed
-        if n == 1 and c == req.num_tokens - 1:
-            self.num_d += 1
-            self.ctx_d += c + 1
-        else:
-            self.num_p += n
-            self.work_p += n * (c + (n + 1) / 2)
-            self.seqs_p += 1
 
 
 class VllmEngine:
