@@ -185,11 +185,11 @@ def _ids(engines: Sequence[Any], candidates: Sequence[int] | None) -> Sequence[i
     return range(len(engines)) if candidates is None else candidates
 
 
-@ROUTERS.register("least_outstanding_requests")
-class LeastOutstandingRequests:
-    """Fewest queued + running requests on the worker now (ties: lowest index)."""
+class _LeastLoaded:
+    """The worker whose ``load`` (of its view) is lowest now (ties: lowest index)."""
 
     state_dependent = True
+    load: Callable[[WorkerView], int]
 
     def __init__(self, num_workers: int, rng: np.random.Generator) -> None:
         self.num_workers = num_workers
@@ -197,22 +197,22 @@ class LeastOutstandingRequests:
     def choose(self, req: Request, engines: Sequence[Any],
                candidates: Sequence[int] | None = None) -> int:
         ids = _ids(engines, candidates)
-        return ids[_argmin_first([num_outstanding(worker_view(engines[i])) for i in ids])]
+        load = type(self).load
+        return ids[_argmin_first([load(worker_view(engines[i])) for i in ids])]
+
+
+@ROUTERS.register("least_outstanding_requests")
+class LeastOutstandingRequests(_LeastLoaded):
+    """Fewest queued + running requests on the worker now (ties: lowest index)."""
+
+    load = staticmethod(num_outstanding)
 
 
 @ROUTERS.register("least_outstanding_tokens")
-class LeastOutstandingTokens:
+class LeastOutstandingTokens(_LeastLoaded):
     """Fewest remaining prefill + decode tokens on the worker now (ties: lowest index)."""
 
-    state_dependent = True
-
-    def __init__(self, num_workers: int, rng: np.random.Generator) -> None:
-        self.num_workers = num_workers
-
-    def choose(self, req: Request, engines: Sequence[Any],
-               candidates: Sequence[int] | None = None) -> int:
-        ids = _ids(engines, candidates)
-        return ids[_argmin_first([outstanding_tokens(worker_view(engines[i])) for i in ids])]
+    load = staticmethod(outstanding_tokens)
 
 
 @ROUTERS.register("power_of_two")
