@@ -103,3 +103,15 @@ def run_cluster(trace, config: VllmConfig, num_workers: int, fast_forward: bool,
     router = make_router("round_robin", {}, num_workers, np.random.default_rng(0))
     outcome = Cluster(engines, router, trace, dense, closed_loop).run()
     return outcome, build_records(outcome)
+
+
+def assert_same_records(step, ff) -> None:  # (Records, Records)
+    """Step-by-step and fast-forward records equal: every column (floats to 1e-9,
+    the rest exactly) and every token time."""
+    for name, col in step.columns.items():
+        other = ff.columns[name]
+        if col.dtype.kind == "f":
+            np.testing.assert_allclose(other, col, rtol=1e-9, equal_nan=True, err_msg=name)
+        else:
+            assert (other == col).all(), name
+    np.testing.assert_allclose(ff.token_times_s, step.token_times_s, rtol=1e-9)

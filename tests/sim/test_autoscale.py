@@ -15,7 +15,7 @@ from sim.kv import dense_hash_ids
 from sim.metrics import build_records
 from sim.planner import FixedDelay, LoadPolicy, Planner, PlannerLimits, UniformDelay
 from sim.router import make_router
-from tests.sim.factories import LinearTiming, make_trace
+from tests.sim.factories import LinearTiming, assert_same_records, make_trace
 from tests.sim.test_properties import check_invariants
 
 CFG = VllmConfig(max_num_seqs=1, max_num_batched_tokens=64, num_gpu_blocks=41, block_size=4,
@@ -118,10 +118,4 @@ def test_planner_runs_match_in_both_modes(case) -> None:
     check_invariants(case["trace"], case["cfg"], out_f, rec_f)
     assert [(e.time_s, e.worker_id, e.kind) for e in sc_s.fleet.events] == \
         [(e.time_s, e.worker_id, e.kind) for e in sc_f.fleet.events]
-    for name, col in rec_s.columns.items():
-        other = rec_f.columns[name]
-        if col.dtype.kind == "f":
-            np.testing.assert_allclose(other, col, rtol=1e-9, equal_nan=True, err_msg=name)
-        else:
-            assert (other == col).all(), name
-    np.testing.assert_allclose(rec_f.token_times_s, rec_s.token_times_s, rtol=1e-9)
+    assert_same_records(rec_s, rec_f)

@@ -14,7 +14,7 @@ from sim.kv import dense_hash_ids
 from sim.metrics import build_records
 from sim.router import make_router
 from sim.workload import ClosedLoop
-from tests.sim.factories import LinearTiming, make_trace
+from tests.sim.factories import LinearTiming, assert_same_records, make_trace
 from tests.sim.test_properties import check_invariants
 
 
@@ -162,13 +162,7 @@ def test_pd_invariants_and_fast_forward_equivalence(case) -> None:
     for out, rec in ((out_step, rec_step), (out_ff, rec_ff)):
         check_invariants(case["trace"], case["cfg"], out, rec)
         assert all(e.num_held_blocks == 0 for e in out.engines)
-    for name, col in rec_step.columns.items():
-        other = rec_ff.columns[name]
-        if col.dtype.kind == "f":
-            np.testing.assert_allclose(other, col, rtol=1e-9, equal_nan=True, err_msg=name)
-        else:
-            assert (other == col).all(), name
-    np.testing.assert_allclose(rec_ff.token_times_s, rec_step.token_times_s, rtol=1e-9)
+    assert_same_records(rec_step, rec_ff)
 
 
 def test_handoff_bytes_read_the_decode_cache_as_of_now() -> None:

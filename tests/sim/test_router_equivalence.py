@@ -13,6 +13,7 @@ from sim.engines.vllm import VllmEngine
 from sim.kv import dense_hash_ids
 from sim.metrics import build_records
 from sim.router import make_router
+from tests.sim.factories import assert_same_records
 from tests.sim.test_properties import check_invariants, scenarios
 
 ROUTER_CASES = [
@@ -52,13 +53,7 @@ def test_router_fast_forward_equivalence(kind, params, case) -> None:
     out_f, rec_f = run(trace, cfg, workers, True, timing, closed, kind, params)
     check_invariants(trace, cfg, out_s, rec_s)
     check_invariants(trace, cfg, out_f, rec_f)
-    for name, col in rec_s.columns.items():
-        other = rec_f.columns[name]
-        if col.dtype.kind == "f":
-            np.testing.assert_allclose(other, col, rtol=1e-9, equal_nan=True, err_msg=name)
-        else:
-            assert (other == col).all(), name
-    np.testing.assert_allclose(rec_f.token_times_s, rec_s.token_times_s, rtol=1e-9)
+    assert_same_records(rec_s, rec_f)
 
 
 def _eviction_case():  # -> (trace, VllmConfig, timing)

@@ -15,7 +15,7 @@ from sim.kv import dense_hash_ids
 from sim.metrics import build_records
 from sim.router import make_router
 from sim.workload import ClosedLoop
-from tests.sim.factories import LinearTiming, make_trace
+from tests.sim.factories import LinearTiming, assert_same_records, make_trace
 
 
 def run_sglang(trace, cfg: SglangConfig, num_workers: int, fast_forward: bool,
@@ -33,13 +33,7 @@ def run_sglang(trace, cfg: SglangConfig, num_workers: int, fast_forward: bool,
 
 def assert_same(step, ff) -> None:
     (out_s, rec_s), (out_f, rec_f) = step, ff
-    for name, col in rec_s.columns.items():
-        other = rec_f.columns[name]
-        if col.dtype.kind == "f":
-            np.testing.assert_allclose(other, col, rtol=1e-9, equal_nan=True, err_msg=name)
-        else:
-            assert (other == col).all(), name
-    np.testing.assert_allclose(rec_f.token_times_s, rec_s.token_times_s, rtol=1e-9)
+    assert_same_records(rec_s, rec_f)
     for es, ef in zip(out_s.engines, out_f.engines, strict=True):
         a, b = es.steps.columns(), ef.steps.columns()
         for k in a:
