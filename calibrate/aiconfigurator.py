@@ -17,11 +17,32 @@ parallel, O and down row-parallel, lm_head vocab-parallel; GEMM n = out_features
 k = in_features), L = num_layers:
 
     prefill, b prompts of isl tokens (one context_attention row, T = b·isl):
-        L · [ctx_attn(b, isl) + Σ_{qkv,o,gate_up,down} gemm(T, n, k) + 2·allreduce(T·hidden)]
+        L · [ctx_attn(b, isl) + Σ_{qkv,o,gate_up,down} gemm(T, n, k) + 2·allreduce(T·hidden)
+             + elementwise(T)]
+        + embed(T) + allreduce(T·hidden)                  vocab-parallel embedding
         + gemm(b, vocab/tp, hidden)                       lm_head on each prompt's last token
     decode, b sequences at KV length s = step + 1 (one generation_attention row, T = b):
-        L · [gen_attn(b, step) + Σ gemm(b, n, k) + 2·allreduce(b·hidden)]
-        + gemm(b, vocab/tp, hidden)
+        L · [gen_attn(b, step) + Σ gemm(b, n, k) + 2·allreduce(b·hidden) + elementwise(b)]
+        + embed(b) + allreduce(b·hidden) + gemm(b, vocab/tp, hidden)
+
+The memory-bound kernels between the GEMMs, as AIConfigurator composes a dense layer
+(ai-dynamo/aiconfigurator:src/aiconfigurator/sdk/models/llama.py @ 28db9123: two fused
+residual-add + RMSNorm, one SiLU-and-mul, an embedding gather and its all-reduce), priced as
+that project prices an op it has no table for (PerfDatabase.query_mem_op,
+ai-dynamo/aiconfigurator:src/aiconfigurator/sdk/perf_database.py @ main): bytes / (mem_bw ·
+mem_bw_empirical_scaling_factor) + mem_empirical_constant_latency, from
+system_specs/<system>.yaml (H100-SXM: 3.35 TB/s · 0.8, 3 µs; without the file, the GPU's
+catalogue bandwidth and those two factors), bf16 activations:
+
+    elementwise(T) = 2 · mem(T · (2h + 2h) · 2 B)                  add + norm, twice
+                   + mem(T · (2·I/tp + I/tp) · 2 B)                SiLU(gate) · up
+    embed(T)       = mem(2 · T · h · 2 B)                          gather rows, write out
+
+vLLM runs the same kernels: Qwen3DecoderLayer's input_layernorm and post_attention_layernorm
+take the residual (fused add + RMSNorm), its MLP is Qwen2MLP (gate_up, SiluAndMul, down)
+(vllm-project/vllm:vllm/model_executor/models/qwen3.py @ 002456df), and
+VocabParallelEmbedding.forward all-reduces its masked lookup when tp > 1
+(vllm-project/vllm:vllm/model_executor/layers/vocab_parallel_embedding.py @ 00db0119).
 
 allreduce only for tp > 1: the `<Backend>_custom_graph` kernel (CUDA-graph custom
 all-reduce, what vLLM / SGLang run at serving batch sizes), num_gpus = tp, message_size read
@@ -37,8 +58,9 @@ scaled by x / x_max (a GEMM that size is bandwidth- or FLOP-bound, both linear i
 below the smallest, the smallest's latency is used. All-reduce latency: linear in
 message_size between grid points, the smallest's below the grid.
 
-Left out, as in the tables: norms, rope, activation, embedding gather, sampling and CPU
-overhead; so a profile fitted to these samples has near-zero overheads, and a real engine
+Left out: rope and Qwen3's q/k norms (small per-head kernels), the KV-cache write, the
+logits gather, sampling and CPU overhead (scheduling, input preparation, output processing);
+so a profile fitted to these samples has overheads of GPU kernels only, and a real engine
 will be slower by about those. Decode rows whose KV (b · s tokens) does not fit in the GPU
 next to the weights are dropped: the twin can never run them.
 """
@@ -48,9 +70,11 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from sim.catalog import GpuSpec, ModelSpec
 from sim.errors import InputError
@@ -60,6 +84,10 @@ from .measurements import frame
 _GEMM_DTYPE = {"bf16": "bfloat16", "fp16": "bfloat16", "fp8": "fp8"}
 _ALLREDUCE_KERNEL = {"vllm": "vLLM_custom_graph", "sglang": "SGLang_CustomAllReduce_graph"}
 _MS = 1e-3
+# AIConfigurator's memory-op factors where a system has no spec file (its H100 / H200 / A100
+# system_specs/*.yaml all give these two values)
+MEM_BW_SCALING = 0.8
+MEM_CONSTANT_S = 3e-6
 
 
 def default_root() -> Path:
@@ -177,6 +205,38 @@ def _allreduce(path: Path, backend: str, tp: int) -> tuple[list[int], dict[int, 
                                    strict=True))
 
 
+@lru_cache(maxsize=16)
+def _spec_yaml(path: Path) -> dict[str, object]:
+    with path.open(encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    return doc if isinstance(doc, dict) else {}
+
+
+def mem_op_params(root: Path, system: str, gpu: GpuSpec) -> tuple[float, float]:
+    """(effective bytes/s, constant s) of a memory-bound kernel: AIConfigurator's
+    query_mem_op, bytes / (mem_bw · mem_bw_empirical_scaling_factor) + constant, with the
+    values of system_specs/<system>.yaml when present."""
+    path = root / "system_specs" / f"{system}.yaml"
+    spec = _spec_yaml(path).get("gpu", {}) if path.is_file() else {}
+    assert isinstance(spec, dict)
+    bw = float(spec.get("mem_bw", gpu.hbm_bytes_per_s))
+    factor = float(spec.get("mem_bw_empirical_scaling_factor", MEM_BW_SCALING))
+    const = float(spec.get("mem_empirical_constant_latency", MEM_CONSTANT_S))
+    return bw * factor, const
+
+
+def elementwise_ms(model: ModelSpec, tp: int, tokens: int, bytes_per_s: float,
+                   constant_s: float) -> tuple[float, float]:
+    """(ms of one layer's elementwise kernels, ms of the embedding gather) for `tokens` rows
+    (module doc): two residual-add + RMSNorm, one SiLU-and-mul, bf16 activations."""
+    def mem(num_bytes: float) -> float:
+        return (num_bytes / bytes_per_s + constant_s) / _MS
+
+    h, inter = model.hidden_size, -(-model.intermediate_size // tp)
+    layer = 2 * mem(tokens * 4 * h * 2) + mem(tokens * 3 * inter * 2)
+    return layer, mem(2 * tokens * h * 2)
+
+
 def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
             dtype: str = "bf16", root: str | Path | None = None,
             max_tokens: int = 16384, version: str | None = None) -> pd.DataFrame:
@@ -223,11 +283,14 @@ def samples(model: ModelSpec, gpu: GpuSpec, tp: int, system: str, backend: str,
                              "the table", "use smaller batches")
         return sum(w * ar[x] for x, w in _bracket(ar_grid, num_elements))
 
+    mem_bw, mem_const = mem_op_params(root, system, gpu)
+
     def pass_ms(tokens: int, attn_ms: float, logits_rows: int) -> float:
-        per_layer = attn_ms + sum(gemm(tokens, n, k) for n, k in layer)
-        per_layer += 2 * allreduce_ms(tokens * model.hidden_size)
-        return model.num_layers * per_layer + lm_gemm(logits_rows, lm.out_features,
-                                                      lm.in_features)
+        ew_layer, embed = elementwise_ms(model, tp, tokens, mem_bw, mem_const)
+        ar = allreduce_ms(tokens * model.hidden_size)
+        per_layer = attn_ms + sum(gemm(tokens, n, k) for n, k in layer) + 2 * ar + ew_layer
+        return (model.num_layers * per_layer + embed + ar
+                + lm_gemm(logits_rows, lm.out_features, lm.in_features))
 
     source = ";".join(str(p.relative_to(root)) for p in paths.values())
     version = version or paths["gemm"].parent.name
