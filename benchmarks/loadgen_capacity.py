@@ -26,6 +26,11 @@ Measured (2 vCPU Xeon VM, Python 3.11.7, aiohttp 3.14.5, quiet machine), 8 s per
        2000     2,014   100,695  0.157ms  1.466ms   5.06ms    92%    78%       4.5
        3000     3,009   150,464  0.548ms 10.167ms  27.57ms    99%    94%       3.8
 
+``--no-stage`` starts each request at its deadline instead of staging it ahead (A/B for
+verify.loadgen's staging). Rerun 2026-11-27, staged / unstaged alternating: at 1,000 req/s
+p99 1.6-3.3 / 3.1-5.4 ms; at 2,000 req/s both saturated (client 90-99 %, server 90-96 %),
+p99 18-77 / 78-154 ms.
+
 With ``--no-spin`` at 2,000 req/s the client used 74 % of a core (~370 us per request,
 most of it aiohttp and asyncio); uvloop measured no better (p99 2.6 ms at 2,000 req/s).
 
@@ -124,13 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-spin", action="store_true",
                    help="plain timer sleeps (no yield loop before a send): client CPU is then "
                    "the cost of the requests alone; lag is worse")
+    p.add_argument("--no-stage", action="store_true",
+                   help="no staging: each request is started at its deadline (connection, "
+                   "headers and body then), as before staging was built")
     p.add_argument("--no-check", action="store_true", help="exit 0 whatever the figures")
     args = p.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
-    if args.no_spin:
+    if args.no_spin or args.no_stage:
         import verify.loadgen
 
-        verify.loadgen.SPIN_S = 0.0
+        if args.no_spin:
+            verify.loadgen.SPIN_S = 0.0
+        if args.no_stage:
+            verify.loadgen.STAGE_S = 0.0
     print(f"loadgen capacity: twin step {args.step_ms} ms, tick {args.tick_ms} ms; "
           f"{args.prompt_tokens}-token prompts, {args.output_tokens} output tokens; "
           f"{args.duration:g} s per rate; {os.cpu_count()} CPUs; asyncio's own event loop")

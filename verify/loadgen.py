@@ -38,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +49,8 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import BytesPayload
 from yarl import URL
 
 from sim.errors import InputError
@@ -60,10 +63,17 @@ from .records import META_FILE, RECORD_KEYS, RECORDS_FILE, RecordWriter, write_m
 from .sse import SlowState, finish_reason, short, slow_events
 
 SUMMARY_FILE = "replay_summary.json"
-# the dispatcher sleeps to SPIN_S before a deadline, then yields to the loop until it:
-# the selector's timeout has millisecond granularity (rounded up)
+# the dispatcher sleeps to SPIN_S before a deadline, then yields to the loop until it
 SPIN_S = 0.001
 START_DELAY_S = 0.01
+# while a replay runs, another thread of this process (the /metrics scraper) can keep the
+# loop from the GIL at most this long (Python's default is 5 ms)
+GIL_SWITCH_S = 0.0005
+# requests are staged this long before their deadline (plus STAGE_PER_REQUEST_S for each
+# request of a burst): connection, request line and headers made ready, the body held
+# back; at the deadline only the writes remain. 0 turns staging off (sent at the deadline)
+STAGE_S = 0.005
+STAGE_PER_REQUEST_S = 0.001
 RESERVED_BODY_KEYS = ("prompt", "max_tokens", "min_tokens")
 _STALLED = "servetwin: stalled stream"  # the watchdog's cancel message
 
@@ -95,11 +105,12 @@ class PlannedRequest:
 @dataclass
 class ReplaySummary:
     num_planned: int
-    num_sent: int
+    num_sent: int  # requests attempted (each has a record)
     num_ok: int
     num_error: int
     errors_by_kind: dict[str, int]
-    schedule_lag_s: dict[str, float]  # send_s - intended_s: p50, p90, p99, max
+    schedule_lag_s: dict[str, float]  # send_s - intended_s of the requests that went
+                                      # out: p50, p90, p99, max
     duration_s: float  # t0 to the last finish
     num_tokens_streamed: int  # token events received, failed requests included
     records_path: Path
@@ -175,6 +186,29 @@ def completions_url(endpoint: str) -> str:
     return e if e.endswith("/completions") else e + "/v1/completions"
 
 
+class _GatedBody(BytesPayload):
+    """A request body held back until its burst's gate opens.
+
+    aiohttp buffers the request line and headers and sends them with the body's first
+    write, so a request staged before its deadline has its connection taken (or opened)
+    and its headers built, and nothing is on the wire until the gate opens: then one
+    write sends the whole request. ``sent_s`` is that write's time, the request's send
+    time: the engine cannot start on a request before its body is complete."""
+
+    def __init__(self, body: bytes, gate: asyncio.Future[None] | None, t0: float) -> None:
+        super().__init__(body, content_type="application/json")
+        self._gate = gate
+        self._t0 = t0
+        self.sent_s: float | None = None
+
+    async def write_with_length(self, writer: AbstractStreamWriter,
+                                content_length: int | None) -> None:
+        if self._gate is not None and not self._gate.done():
+            await self._gate
+        self.sent_s = time.perf_counter() - self._t0
+        await super().write_with_length(writer, content_length)
+
+
 # ------------------------------------------------------------------------- metrics
 class _Exporter:
     """The load generator's own Prometheus metrics, served from the replay's loop."""
@@ -218,6 +252,17 @@ class _Exporter:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+async def _sleep_until(at: float, spin: float = SPIN_S) -> None:
+    """Sleep to ``at`` (perf_counter seconds); from ``spin`` before it, yield to the loop
+    until it: the selector's timeout has millisecond granularity (rounded up)."""
+    pc = time.perf_counter
+    while True:
+        left = at - pc()
+        if left <= 0:
+            return
+        await asyncio.sleep(left - spin if left > spin else 0)
 
 
 # -------------------------------------------------------------------------- replay
@@ -287,6 +332,8 @@ class Replay:
             raise InputError(str(records_path), "a replay already wrote records here",
                              "choose a new output folder")
         cancelled = False
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, GIL_SWITCH_S))
         self._writer = RecordWriter(records_path)
         connector = aiohttp.TCPConnector(limit=0, force_close=self.force_close)
         # no sock_read timeout: aiohttp would re-arm a timer on every socket read; the
@@ -318,6 +365,7 @@ class Replay:
             finally:
                 watchdog.cancel()
         finally:
+            sys.setswitchinterval(switch)
             if self._session is not None:
                 await self._session.close()
             if self._exporter is not None:
@@ -354,7 +402,7 @@ class Replay:
         else:
             lag = {k: float("nan") for k in ("p50", "p90", "p99", "max")}
         return ReplaySummary(
-            num_planned=len(self.plan), num_sent=len(self._lags), num_ok=self._num_ok,
+            num_planned=len(self.plan), num_sent=self._num_done, num_ok=self._num_ok,
             num_error=self._num_done - self._num_ok, errors_by_kind=dict(self._errors),
             schedule_lag_s=lag, duration_s=max(self._last_finish, 0.0),
             num_tokens_streamed=self._num_tokens, records_path=records_path,
@@ -376,32 +424,36 @@ class Replay:
 
     # -------------------------------------------------------------- schedules
     async def _open_loop(self) -> None:
+        """Two sorted time streams merged: each burst (traces often stamp many requests
+        with one time) is staged ``STAGE_S + STAGE_PER_REQUEST_S x size`` before its
+        deadline (bodies built one at a time with the loop free in between, requests
+        started up to their held-back body), and its gate opens at the deadline. Staging
+        of later bursts goes on while earlier gates wait."""
         loop = asyncio.get_running_loop()
-        pc = time.perf_counter
-        sleep = asyncio.sleep
         t0 = self.t0
         plan = self.plan
+        gates: deque[tuple[float, asyncio.Future[None]]] = deque()
         i = 0
-        while i < len(plan):
-            # a burst (traces often stamp many requests with one time): its bodies are
-            # built before its deadline, one at a time with the loop free in between,
-            # so at the deadline only the sends remain
+        while i < len(plan) or gates:
             j = i + 1
             while j < len(plan) and plan[j].intended_s == plan[i].intended_s:
                 j += 1
-            burst = []
+            if i < len(plan):
+                deadline = t0 + plan[i].intended_s
+                stage_at = (deadline - STAGE_S - STAGE_PER_REQUEST_S * (j - i)
+                            if STAGE_S > 0 else deadline)
+            if gates and (i >= len(plan) or gates[0][0] <= stage_at):
+                at, gate = gates.popleft()
+                await _sleep_until(at)
+                gate.set_result(None)
+                await asyncio.sleep(0)  # the writes go out before anything else
+                continue
+            await _sleep_until(stage_at, 0.0)  # staging needs no precision: no spin
+            gate = loop.create_future()
             for p in plan[i:j]:
-                burst.append((p, self._body(p)))
-                await sleep(0)  # the requests just sent go out while we build
-            deadline = t0 + plan[i].intended_s
-            while True:  # sleep to the absolute deadline, then yield until it
-                left = deadline - pc()
-                if left <= 0:
-                    break
-                await sleep(left - SPIN_S if left > SPIN_S else 0)
-            for p, body in burst:
-                self._spawn(loop, p, body, p.intended_s)
-            await sleep(0)  # let the burst start before the next one is built
+                self._spawn(loop, p, self._body(p), p.intended_s, gate)
+                await asyncio.sleep(0)  # it runs up to its held-back body
+            gates.append((deadline, gate))
             i = j
 
     async def _closed_loop(self, users: int) -> None:
@@ -410,13 +462,13 @@ class Replay:
         async def user() -> None:
             for p in it:  # one shared iterator: each user takes the next request
                 task = self._spawn(asyncio.get_running_loop(), p, self._body(p),
-                                   time.perf_counter() - self.t0)
+                                   time.perf_counter() - self.t0, None)
                 await asyncio.wait([task])
 
         await asyncio.gather(*(user() for _ in range(users)))
 
     def _spawn(self, loop: asyncio.AbstractEventLoop, p: PlannedRequest, body: bytes,
-               intended_s: float) -> asyncio.Task[None]:
+               intended_s: float, gate: asyncio.Future[None] | None) -> asyncio.Task[None]:
         req = Request(p.request_id, intended_s, p.num_prompt_tokens, p.max_tokens,
                       p.hash_ids)  # type: ignore[arg-type]
         w = self.router.choose(req, self.endpoints)
@@ -425,7 +477,7 @@ class Replay:
         ep.num_sent += 1
         if self._exporter is not None:
             self._exporter.inflight.inc()
-        task = loop.create_task(self._one(p, body, w, intended_s))
+        task = loop.create_task(self._one(p, _GatedBody(body, gate, self.t0), w, intended_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -436,7 +488,8 @@ class Replay:
                 + self._body_tail).encode()
 
     # ---------------------------------------------------------------- request
-    async def _one(self, p: PlannedRequest, body: bytes, w: int, intended_s: float) -> None:
+    async def _one(self, p: PlannedRequest, body: _GatedBody, w: int,
+                   intended_s: float) -> None:
         pc = time.perf_counter
         t0 = self.t0
         times: list[float] = []
@@ -445,9 +498,8 @@ class Replay:
         status: int | None = None
         error: str | None = None
         assert self._session is not None
-        send = pc() - t0
-        t = send
-        st = SlowState(send)
+        t = pc() - t0  # staged now; sent when the body goes out (body.sent_s)
+        st = SlowState(t)
         task = asyncio.current_task()
         assert task is not None
         self._live[task] = st
@@ -516,7 +568,8 @@ class Replay:
             t = pc() - t0
             if e.args != (_STALLED,):
                 del self._live[task]
-                self._record(p, w, intended_s, send, t, times, n, status, st, "cancelled")
+                self._record(p, w, intended_s, body.sent_s, t, times, n, status, st,
+                             "cancelled")
                 raise
             task.uncancel()
             error = f"timeout: no event for {self.stall_timeout_s:g} s (after {n} events)"
@@ -549,11 +602,14 @@ class Replay:
                     error = error or f"malformed SSE: {short(repr(st.last_token))}"
         if error is None and isinstance(st.usage, dict):
             error = _usage_problem(st.usage, p)
-        self._record(p, w, intended_s, send, t, times, n, status, st, error)
+        self._record(p, w, intended_s, body.sent_s, t, times, n, status, st, error)
 
-    def _record(self, p: PlannedRequest, w: int, intended_s: float, send: float, finish: float,
-                times: list[float], n: int, status: int | None, st: SlowState,
-                error: str | None) -> None:
+    def _record(self, p: PlannedRequest, w: int, intended_s: float, sent: float | None,
+                finish: float, times: list[float], n: int, status: int | None,
+                st: SlowState, error: str | None) -> None:
+        """``sent``: when the body went out; None if the request failed before (then the
+        record's ``send_s`` is when it failed and no schedule lag is counted)."""
+        send = finish if sent is None else sent
         ep = self.endpoints[w]
         ep.num_outstanding -= 1
         u = st.usage if isinstance(st.usage, dict) else {}
@@ -574,7 +630,8 @@ class Replay:
         }
         assert self._writer is not None
         self._writer.write(rec)
-        self._lags.append(send - intended_s)
+        if sent is not None:
+            self._lags.append(sent - intended_s)
         self._num_done += 1
         self._num_tokens += n
         if finish > self._last_finish:
@@ -587,7 +644,8 @@ class Replay:
         if ex is not None:
             ex.requests.labels("error" if error else "ok").inc()
             ex.tokens.inc(n)
-            ex.lag.observe(send - intended_s)
+            if sent is not None:
+                ex.lag.observe(sent - intended_s)
             if times:
                 ex.ttft.observe(times[0] - send)
             ex.inflight.dec()

@@ -7,7 +7,9 @@ seconds from the replay origin t0, read from one monotonic clock (``time.perf_co
 
     intended_s     when the schedule said to send (trace arrival x scale, or when a
                    closed-loop slot freed)
-    send_s         when the request was handed to the HTTP client
+    send_s         when the request went out: the write of its body (an open-loop
+                   request is staged before its deadline, connection and headers ready,
+                   and written at it); for a request that failed before, when it failed
     first_token_s  the first SSE event with a non-empty ``choices``
     event_times_s  every such event, the first included; events that arrived in one
                    socket read share its time (that is when the client saw them)

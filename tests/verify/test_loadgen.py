@@ -125,6 +125,45 @@ def test_open_loop_keeps_its_schedule(twin, tmp_path):
     assert summary.schedule_lag_s["p50"] < 0.05
 
 
+def test_a_burst_is_staged_before_its_deadline_and_written_at_it(tmp_path):
+    """A raw HTTP server notes when each connection opens and when its first request
+    byte arrives: the burst's connections open before the deadline (staged), no byte
+    arrives before it, and every record's send_s is the write, at or after it."""
+    seen: list[tuple[float, float]] = []  # (connected, first byte), perf_counter
+    body = (b'data: {"choices":[{"index":0,"text":"x","finish_reason":"length"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":20,"completion_tokens":1}}\n\n'
+            b"data: [DONE]\n\n")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected = time.perf_counter()
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append((connected, time.perf_counter()))
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    async def main() -> Replay:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        plan = [PlannedRequest(i, 0.2, list(range(100, 120)), 1) for i in range(6)]
+        r = Replay(plan, [f"http://127.0.0.1:{port}"], "raw", tmp_path, force_close=True)
+        async with server:
+            await r.run()
+        return r
+
+    r = asyncio.run(main())
+    assert r.summary is not None and r.summary.num_ok == 6
+    deadline = r.t0 + 0.2
+    assert len(seen) == 6
+    assert all(c < deadline for c, _ in seen)  # staged: connected ahead
+    assert all(b >= deadline for _, b in seen)  # nothing on the wire before the deadline
+    for row in read_records(r.summary.records_path):
+        assert row["intended_s"] == 0.2 <= row["send_s"] < 0.2 + 0.1
+
+
 def test_closed_loop_keeps_n_requests_in_flight(twin, tmp_path):
     summary = run_replay(make_plan(24, 8), [twin.url], "twin", tmp_path,
                          closed_loop_concurrency=4)
