@@ -70,8 +70,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     mode = "step-by-step" if args.step_by_step else "fast-forward"
     d = sc.disaggregation
     if d is not None and resolved.pools is not None:
-        fleet = " + ".join(f"{getattr(d, n).num_workers} {n} (TP "
-                           f"{resolved.pools[n][1].tp})" for n in ("prefill", "decode"))
+        fleet = " + ".join(
+            f"{getattr(d, n).num_workers} {n} (TP "
+            f"{getattr(d, n).engine.get('tensor_parallel_size', sc.engine.tensor_parallel_size)})"
+            for n in ("prefill", "decode"))
         fleet += f" x {resolved.model.name} on {resolved.gpu.name}"
     else:
         fleet = (f"{sc.cluster.num_workers} x {resolved.model.name} on {resolved.gpu.name} "

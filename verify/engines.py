@@ -19,10 +19,13 @@ import sys
 from dataclasses import dataclass, field
 
 from sim.errors import ConfigError
-from sim.scenario import Scenario
+from sim.scenario import Scenario, SglangEngineSpec, VllmEngineSpec
 
 ENGINES = ("vllm", "sglang", "llamacpp")
 DTYPE_FLAG = {"bf16": "bfloat16", "fp16": "float16"}
+# --radix-eviction-policy values SGLang accepts that the simulator models
+# (sgl-project/sglang:python/sglang/srt/arg_groups/choices.py @ v0.5.23)
+SGLANG_EVICTION = ("lru", "lfu")
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,7 @@ def render(engine: str, scenario: Scenario, model_path: str, *, port: int,
     ``iteration_log``: vLLM's per-step log line (for calibration), with async scheduling
     off so its elapsed time is the step's (shared/reference/loadgen_and_engines.md §B.5)."""
     install = install or EngineInstall()
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine {engine!r}: unknown engine. Fix: use one of "
-                          f"{', '.join(ENGINES)}")
+    check_engine_fits(engine, scenario)
     build = {"vllm": _vllm, "sglang": _sglang, "llamacpp": _llamacpp}[engine]
     argv, env, notes = build(scenario, model_path, host, port, served_model_name, install,
                              iteration_log)
@@ -94,12 +95,29 @@ def render(engine: str, scenario: Scenario, model_path: str, *, port: int,
                       tuple(notes), install.nice, install.cpus)
 
 
+def check_engine_fits(engine: str, scenario: Scenario, where: str = "the config") -> None:
+    """A scenario whose engine section models SGLang (``engine.kind: sglang``) deploys on
+    SGLang only: its knobs have no vLLM or llama.cpp flags."""
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine {engine!r}: unknown engine. Fix: use one of "
+                          f"{', '.join(ENGINES)}")
+    if isinstance(scenario.engine, SglangEngineSpec) and engine != "sglang":
+        raise ConfigError(f"{where}: engine.kind is sglang (SGLang's knobs) but --engine is "
+                          f"{engine}. Fix: deploy it with --engine sglang, or write the "
+                          "config's engine section with vLLM's knobs (kind: vllm)")
+
+
 Built = tuple[list[str], dict[str, str], list[str]]
+
+
+def _vllm_knobs(sc: Scenario) -> VllmEngineSpec:
+    assert isinstance(sc.engine, VllmEngineSpec)  # check_engine_fits
+    return sc.engine
 
 
 def _vllm(sc: Scenario, model: str, host: str, port: int, name: str,
           install: EngineInstall, iteration_log: bool) -> Built:
-    e = sc.engine
+    e = _vllm_knobs(sc)
     argv = [install.python, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model, "--served-model-name", name, "--host", host, "--port", str(port),
             "--tensor-parallel-size", str(e.tensor_parallel_size),
@@ -139,13 +157,16 @@ def _vllm(sc: Scenario, model: str, host: str, port: int, name: str,
 
 def _sglang(sc: Scenario, model: str, host: str, port: int, name: str,
             install: EngineInstall, iteration_log: bool) -> Built:
+    if isinstance(sc.engine, SglangEngineSpec):
+        return _sglang_own(sc, sc.engine, model, host, port, name, install, iteration_log)
     e = sc.engine
     argv = [install.python, "-m", "sglang.launch_server", "--model-path", model,
             "--served-model-name", name, "--host", host, "--port", str(port),
             "--tp-size", str(e.tensor_parallel_size), "--page-size", str(e.block_size),
             "--enable-metrics"]
-    notes = ["SGLang schedules prefill-first with new-token-ratio admission; until the "
-             "simulator has an SGLang engine, predictions use the vLLM engine model"]
+    notes = ["the config gives vLLM's knobs (engine.kind vllm), mapped to SGLang's flags; "
+             "predictions use the vLLM engine model. Write the engine section with "
+             "kind: sglang for SGLang's own scheduler and radix cache in the prediction"]
     argv += _dtype_args(sc.dtype, "--dtype", notes)
     if e.max_num_seqs is not None:
         argv += ["--max-running-requests", str(e.max_num_seqs)]
@@ -172,9 +193,51 @@ def _sglang(sc: Scenario, model: str, host: str, port: int, name: str,
     return argv, env, notes
 
 
+def _sglang_own(sc: Scenario, e: SglangEngineSpec, model: str, host: str, port: int,
+                name: str, install: EngineInstall, iteration_log: bool) -> Built:
+    """An SGLang config (``engine.kind: sglang``): its knobs are SGLang's own flags, and the
+    prediction runs the simulator's SGLang engine on the same scenario."""
+    argv = [install.python, "-m", "sglang.launch_server", "--model-path", model,
+            "--served-model-name", name, "--host", host, "--port", str(port),
+            "--tp-size", str(e.tensor_parallel_size), "--page-size", str(e.page_size),
+            "--max-prefill-tokens", str(e.max_prefill_tokens),
+            "--schedule-policy", e.schedule_policy,
+            "--schedule-conservativeness", str(e.schedule_conservativeness),
+            "--enable-metrics"]
+    if e.radix_eviction_policy not in SGLANG_EVICTION:
+        raise ConfigError(f"engine.radix_eviction_policy: {e.radix_eviction_policy!r} is "
+                          "modelled by the simulator but SGLang's --radix-eviction-policy "
+                          f"has no such value. Fix: use one of {', '.join(SGLANG_EVICTION)} "
+                          "for a config you deploy")
+    argv += ["--radix-eviction-policy", e.radix_eviction_policy]
+    notes: list[str] = []
+    argv += _dtype_args(sc.dtype, "--dtype", notes)
+    if e.max_running_requests is not None:
+        argv += ["--max-running-requests", str(e.max_running_requests)]
+    if e.chunked_prefill_size is not None:
+        argv += ["--chunked-prefill-size", str(e.chunked_prefill_size)]
+    if e.enable_mixed_chunk:
+        argv.append("--enable-mixed-chunk")
+    if e.disable_radix_cache:
+        argv.append("--disable-radix-cache")
+    if e.max_model_len is not None:
+        argv += ["--context-length", str(e.max_model_len)]
+    if e.max_total_tokens is not None:
+        argv += ["--max-total-tokens", str(e.max_total_tokens)]
+    if e.mem_fraction_static is not None:
+        argv += ["--mem-fraction-static", str(e.mem_fraction_static)]
+    if not e.ignore_eos:
+        notes.append("ignore_eos false in the config; the load generator always sends "
+                     "ignore_eos so outputs have the trace's lengths")
+    if iteration_log:
+        notes.append("per-pass timing on SGLang: add --enable-forward-pass-metrics yourself")
+    env = {"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0", "HF_HUB_OFFLINE": "1"}
+    return argv, env, notes
+
+
 def _llamacpp(sc: Scenario, model: str, host: str, port: int, name: str,
               install: EngineInstall, iteration_log: bool) -> Built:
-    e = sc.engine
+    e = _vllm_knobs(sc)
     slots = e.max_num_seqs or 4
     ctx = e.max_model_len or 4096
     argv = [install.llama_server, "-m", model, "--host", host, "--port", str(port), "-a", name,

@@ -29,11 +29,18 @@ from typing import Any
 import numpy as np
 
 from sim.errors import InputError, ServetwinError
-from sim.scenario import LoadedScenario, _compose, scenario_to_dict, validate_scenario
+from sim.scenario import (
+    LoadedScenario,
+    SglangEngineSpec,
+    VllmEngineSpec,
+    _compose,
+    scenario_to_dict,
+    validate_scenario,
+)
 from sim.simulate import SimResult, resolve, simulate
 
 from .deploy import DeployError, Deployment, teardown_on_signals
-from .engines import EngineInstall, LaunchSpec, render
+from .engines import EngineInstall, LaunchSpec, check_engine_fits, render
 from .scrape import ScrapeError, Scraper, Snapshot, counter_deltas, engine_info, snapshot
 
 Say = Callable[[str], None]
@@ -119,6 +126,15 @@ def _label(loaded: LoadedScenario) -> str:
     sc = loaded.scenario
     e = sc.engine
     parts = [f"{sc.cluster.num_workers}x TP{e.tensor_parallel_size}"]
+    if isinstance(e, SglangEngineSpec):
+        parts[0] += " SGLang"
+        for k in ("max_running_requests", "chunked_prefill_size", "max_total_tokens"):
+            v = getattr(e, k)
+            if v is not None:
+                parts.append(f"{k}={v}")
+        if e.disable_radix_cache:
+            parts.append("no radix cache")
+        return ", ".join(parts)
     for k in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks_override"):
         v = getattr(e, k)
         if v is not None:
@@ -128,6 +144,12 @@ def _label(loaded: LoadedScenario) -> str:
     if not e.enable_chunked_prefill:
         parts.append("no chunked prefill")
     return ", ".join(parts)
+
+
+def cache_block_tokens(loaded: LoadedScenario) -> int:
+    """Tokens per prefix-cache unit: vLLM's block, SGLang's page."""
+    e = loaded.scenario.engine
+    return e.page_size if isinstance(e, SglangEngineSpec) else e.block_size
 
 
 # --------------------------------------------------------------- one config
@@ -326,7 +348,9 @@ def predict(entry: ConfigEntry, num_gpu_blocks: int | None) -> tuple[SimResult, 
     """The simulator on the same trace and knobs, with the engine's own KV block count."""
     notes = []
     loaded = entry.loaded
-    if num_gpu_blocks is not None and loaded.scenario.engine.num_gpu_blocks_override is None:
+    e = loaded.scenario.engine
+    if (num_gpu_blocks is not None and isinstance(e, VllmEngineSpec)
+            and e.num_gpu_blocks_override is None):
         raw = json.loads(json.dumps(loaded.raw))
         raw.setdefault("engine", {})["num_gpu_blocks_override"] = num_gpu_blocks
         loaded = validate_scenario(raw, loaded.lines, loaded.path, [])
@@ -358,6 +382,8 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
             raise InputError(str(shortlist), f"--only {', '.join(unknown)}: no such config_id",
                              f"choose from {', '.join(e.config_id for e in entries)}")
         entries = [e for e in entries if e.config_id in opts.only]
+    for e in entries:  # before anything is deployed
+        check_engine_fits(opts.engine, e.loaded.scenario, f"{shortlist}: config {e.config_id}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     with teardown_on_signals():
@@ -382,11 +408,12 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
             if opts.engine != "vllm":
                 pinned = None  # only vLLM's paged cache is modelled block for block
             result, pnotes = predict(entry, pinned)
-            bound = trace_prefix_tokens(resolved.trace, entry.loaded.scenario.engine.block_size)
+            block = cache_block_tokens(entry.loaded)
+            bound = trace_prefix_tokens(resolved.trace, block)
             prompt_total = int(resolved.trace.input_tokens.sum())
             pnotes.append(f"the trace's shared prefixes allow at most {bound:,} cached prompt "
                           f"tokens ({100 * bound / max(prompt_total, 1):.1f} % of "
-                          f"{prompt_total:,}) in {entry.loaded.scenario.engine.block_size}-token "
+                          f"{prompt_total:,}) in {block}-token "
                           "blocks")
             _write_json(cdir / "predicted_summary.json", result.summary)
             import pandas as pd

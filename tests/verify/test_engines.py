@@ -97,3 +97,46 @@ def test_rendered_argv_is_a_list_of_strings_never_a_shell_line(tmp_path: Path) -
     spec = render("vllm", make_scenario(), str(tmp_path / "a model; rm -rf /"), port=1)
     assert all(isinstance(a, str) for a in spec.argv)
     assert str(tmp_path / "a model; rm -rf /") in spec.argv  # one argument, not parsed
+
+
+def make_sglang_scenario(**engine: object) -> Scenario:
+    return Scenario.model_validate({
+        "workload": {"trace": "t.jsonl"}, "model": "servetwin/tiny-llama-4l", "gpu": "CPU",
+        "engine": {"kind": "sglang", **engine}})
+
+
+def test_sglang_config_renders_its_own_knobs() -> None:
+    """engine.kind sglang: SGLang's knobs go to its flags one to one, auto ones are left
+    to the engine, and no note says the prediction falls back to vLLM's model."""
+    sc = make_sglang_scenario(tensor_parallel_size=2, max_running_requests=48,
+                              chunked_prefill_size=-1, max_prefill_tokens=8192,
+                              schedule_policy="lpm", enable_mixed_chunk=True,
+                              schedule_conservativeness=0.5, disable_radix_cache=True,
+                              radix_eviction_policy="lfu", page_size=16,
+                              max_total_tokens=65536, max_model_len=4096)
+    spec = render("sglang", sc, "/m", port=30000, install=EngineInstall(python="/py"))
+    assert spec.argv == [
+        "/py", "-m", "sglang.launch_server", "--model-path", "/m",
+        "--served-model-name", "servetwin", "--host", "127.0.0.1", "--port", "30000",
+        "--tp-size", "2", "--page-size", "16", "--max-prefill-tokens", "8192",
+        "--schedule-policy", "lpm", "--schedule-conservativeness", "0.5", "--enable-metrics",
+        "--radix-eviction-policy", "lfu", "--dtype", "bfloat16",
+        "--max-running-requests", "48", "--chunked-prefill-size", "-1",
+        "--enable-mixed-chunk", "--disable-radix-cache", "--context-length", "4096",
+        "--max-total-tokens", "65536"]
+    assert spec.notes == ()
+    auto = render("sglang", make_sglang_scenario(), "/m", port=1).argv
+    for flag in ("--max-running-requests", "--chunked-prefill-size", "--max-total-tokens",
+                 "--mem-fraction-static", "--context-length"):
+        assert flag not in auto
+
+
+@pytest.mark.parametrize("engine", ["vllm", "llamacpp"])
+def test_sglang_config_on_another_engine_is_refused(engine: str) -> None:
+    with pytest.raises(ConfigError, match=r"engine.kind is sglang .*--engine sglang"):
+        render(engine, make_sglang_scenario(), "/m", port=1)
+
+
+def test_eviction_policy_sglang_lacks_is_refused_for_deployment() -> None:
+    with pytest.raises(ConfigError, match=r"radix_eviction_policy: 'fifo'.*lru, lfu"):
+        render("sglang", make_sglang_scenario(radix_eviction_policy="fifo"), "/m", port=1)

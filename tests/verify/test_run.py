@@ -26,6 +26,22 @@ def test_bundled_verify_configs_load_with_ids_and_labels() -> None:
     assert {e.loaded.scenario.engine.max_num_seqs for e in one} == {2}
 
 
+def test_sglang_configs_are_labelled_and_refused_on_vllm_before_any_deploy(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.yaml"
+    p.write_text("workload: {trace: %s}\nmodel: servetwin/tiny-llama-4l\ngpu: CPU\n"
+                 "engine: {kind: sglang, max_running_requests: 8, page_size: 16}\n"
+                 % (ROOT / "scenarios/traces/mooncake_conversation.jsonl.gz"))
+    (entry,) = load_configs(p)
+    assert entry.label == "1x TP1 SGLang, max_running_requests=8"
+    code = main(["verify", str(p), "--engine", "vllm", "--model-path", "/nowhere",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "config config0: engine.kind is sglang" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "config0").exists()  # refused before deploying
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("configs: []\n", "configs: must be a non-empty list"),
     ("configs:\n  - 3\n", r"configs\[0\]: is int, not a mapping"),
