@@ -130,12 +130,9 @@ def _vllm(sc: Scenario, model: str, host: str, port: int, name: str,
             "--enable-prompt-tokens-details"]
     notes: list[str] = []
     argv += _dtype_args(sc.dtype, "--dtype", notes)
-    if e.max_num_seqs is not None:
-        argv += ["--max-num-seqs", str(e.max_num_seqs)]
-    if e.max_num_batched_tokens is not None:
-        argv += ["--max-num-batched-tokens", str(e.max_num_batched_tokens)]
-    if e.max_model_len is not None:
-        argv += ["--max-model-len", str(e.max_model_len)]
+    argv += _given(("--max-num-seqs", e.max_num_seqs),
+                   ("--max-num-batched-tokens", e.max_num_batched_tokens),
+                   ("--max-model-len", e.max_model_len))
     if e.num_gpu_blocks_override is not None:
         argv += ["--num-gpu-blocks-override", str(e.num_gpu_blocks_override)]
     else:
@@ -212,20 +209,13 @@ def _sglang_own(sc: Scenario, e: SglangEngineSpec, model: str, host: str, port: 
     argv += ["--radix-eviction-policy", e.radix_eviction_policy]
     notes: list[str] = []
     argv += _dtype_args(sc.dtype, "--dtype", notes)
-    if e.max_running_requests is not None:
-        argv += ["--max-running-requests", str(e.max_running_requests)]
-    if e.chunked_prefill_size is not None:
-        argv += ["--chunked-prefill-size", str(e.chunked_prefill_size)]
-    if e.enable_mixed_chunk:
-        argv.append("--enable-mixed-chunk")
-    if e.disable_radix_cache:
-        argv.append("--disable-radix-cache")
-    if e.max_model_len is not None:
-        argv += ["--context-length", str(e.max_model_len)]
-    if e.max_total_tokens is not None:
-        argv += ["--max-total-tokens", str(e.max_total_tokens)]
-    if e.mem_fraction_static is not None:
-        argv += ["--mem-fraction-static", str(e.mem_fraction_static)]
+    argv += _given(("--max-running-requests", e.max_running_requests),
+                   ("--chunked-prefill-size", e.chunked_prefill_size))
+    argv += [f for f, on in (("--enable-mixed-chunk", e.enable_mixed_chunk),
+                             ("--disable-radix-cache", e.disable_radix_cache)) if on]
+    argv += _given(("--context-length", e.max_model_len),
+                   ("--max-total-tokens", e.max_total_tokens),
+                   ("--mem-fraction-static", e.mem_fraction_static))
     if not e.ignore_eos:
         notes.append("ignore_eos false in the config; the load generator always sends "
                      "ignore_eos so outputs have the trace's lengths")
@@ -258,6 +248,11 @@ def _llamacpp(sc: Scenario, model: str, host: str, port: int, name: str,
     if iteration_log:
         notes.append("llama.cpp has no per-step log; per-request timings come with the stream")
     return argv, {}, notes
+
+
+def _given(*pairs: tuple[str, object]) -> list[str]:
+    """``flag value`` for each knob that is set (None: auto, left to the engine)."""
+    return [a for flag, v in pairs if v is not None for a in (flag, str(v))]
 
 
 def _dtype_args(dtype: str, flag: str, notes: list[str]) -> list[str]:
