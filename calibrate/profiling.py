@@ -353,6 +353,29 @@ async def _send(session: aiohttp.ClientSession, base_url: str, model: str, promp
     return Sent(len(prompt), num_output_tokens, int(cached))
 
 
+def tiny_vllm_spec(port: int, *, max_num_seqs: int = 32, max_num_batched_tokens: int = 1024,
+                   max_model_len: int = 4096, extra_args: Sequence[str] = (),
+                   cache: str | Path | None = None) -> Any:
+    """The launch of verify.testbed's tiny random Llama on vLLM-CPU (built or reused) with
+    the step log on, as the committed CPU reports and the profiling test run it; returns
+    verify.engines.LaunchSpec."""
+    from sim.scenario import Scenario
+    from verify import testbed
+    from verify.engines import EngineInstall, render
+
+    vllm = testbed.ensure_vllm(cache)
+    model = testbed.ensure_tiny_hf(cache, vllm=vllm)
+    sc = Scenario.model_validate({
+        "workload": {"synthetic": {}}, "model": "servetwin/tiny-llama-4l",
+        "gpu": "CPU-1core-AVX512",
+        "engine": {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+                   "max_model_len": max_model_len, "block_size": 32}})
+    return render("vllm", sc, str(model), port=port, served_model_name="tiny",
+                  install=EngineInstall(python=str(vllm.python), env=vllm.env,
+                                        extra_args=tuple(extra_args)),
+                  iteration_log=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m calibrate.profiling",
                                 description="profile a running vLLM started with "

@@ -18,11 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from calibrate.profiling import default_plan, profile_engine
-from sim.scenario import Scenario
-from verify import testbed
+from calibrate.profiling import default_plan, profile_engine, tiny_vllm_spec
 from verify.deploy import Deployment
-from verify.engines import EngineInstall, render
 
 ROOT = Path(__file__).resolve().parents[2]
 os.chdir(ROOT)  # the rows' source names the log relative to the repository
@@ -34,15 +31,7 @@ p.add_argument("--engine-arg", action="append", default=[],
                help="appended to the launch command (the last of a repeated flag wins)")
 args = p.parse_args()
 
-vllm = testbed.ensure_vllm()
-model = testbed.ensure_tiny_hf(vllm=vllm)
-sc = Scenario.model_validate({
-    "workload": {"synthetic": {}}, "model": "servetwin/tiny-llama-4l", "gpu": "CPU-1core-AVX512",
-    "engine": {"max_num_seqs": 32, "max_num_batched_tokens": 1024, "max_model_len": 4096,
-               "block_size": 32}})
-spec = render("vllm", sc, str(model), port=18441, served_model_name="tiny",
-              install=EngineInstall(python=str(vllm.python), env=vllm.env,
-                                    extra_args=tuple(args.engine_arg)), iteration_log=True)
+spec = tiny_vllm_spec(18441, extra_args=args.engine_arg)
 log = HERE / f"vllm-{args.label}.log"
 log.unlink(missing_ok=True)
 with Deployment(spec, log, ready_timeout_s=400) as d:

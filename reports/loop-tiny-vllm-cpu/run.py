@@ -43,12 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from calibrate.profiling import default_plan, profile_engine
+    from calibrate.profiling import default_plan, profile_engine, tiny_vllm_spec
     from servetwin.cli import main as servetwin_main
-    from sim.scenario import Scenario
     from verify import testbed
     from verify.deploy import Deployment
-    from verify.engines import EngineInstall, render
 
     vllm = testbed.ensure_vllm(args.cache)
     model = testbed.ensure_tiny_hf(args.cache, vllm=vllm)
@@ -58,14 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {1})
 
     # 1. profile
-    sc = Scenario.model_validate({
-        "workload": {"synthetic": {}}, "model": "servetwin/tiny-llama-4l",
-        "gpu": "CPU-1core-AVX512",
-        "engine": {"max_num_seqs": 32, "max_num_batched_tokens": 1024, "max_model_len": 4096,
-                   "block_size": 32}})
-    spec = render("vllm", sc, str(model), port=18451, served_model_name="tiny",
-                  install=EngineInstall(python=str(vllm.python), env=vllm.env),
-                  iteration_log=True)
+    spec = tiny_vllm_spec(18451, cache=args.cache)
     log, steps = out / "vllm.log", out / "steps.csv"
     log.unlink(missing_ok=True)
     with Deployment(spec, log, ready_timeout_s=400) as d:

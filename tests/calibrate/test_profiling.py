@@ -20,6 +20,7 @@ from calibrate.profiling import (
     profile_engine,
     small_plan,
     split_phases,
+    tiny_vllm_spec,
 )
 from calibrate.vllm_log import parse_lines
 from sim.errors import InputError
@@ -162,21 +163,10 @@ def test_plan_rejects_ambiguous_arrival_order() -> None:
 
 @pytest.mark.slow
 def test_profile_real_vllm_cpu(tmp_path: Path) -> None:
-    from sim.scenario import Scenario
-    from verify import testbed
     from verify.deploy import Deployment
-    from verify.engines import EngineInstall, render
 
-    vllm = testbed.ensure_vllm()
-    model = testbed.ensure_tiny_hf(vllm=vllm)
-    sc = Scenario.model_validate({
-        "workload": {"synthetic": {}}, "model": "servetwin/tiny-llama-4l",
-        "gpu": "CPU-1core-AVX512",
-        "engine": {"max_num_seqs": 8, "max_num_batched_tokens": 256, "max_model_len": 2048,
-                   "block_size": 32}})
-    spec = render("vllm", sc, str(model), port=18431, served_model_name="tiny",
-                  install=EngineInstall(python=str(vllm.python), env=vllm.env),
-                  iteration_log=True)
+    spec = tiny_vllm_spec(18431, max_num_seqs=8, max_num_batched_tokens=256,
+                          max_model_len=2048)
     log = tmp_path / "vllm.log"
     plan = small_plan()
     with Deployment(spec, log, ready_timeout_s=400):
