@@ -28,6 +28,8 @@ RECORD_COLUMNS = ("request_id", "arrival_s", "first_token_s", "finish_s", "num_p
                   "num_cached_tokens", "num_output_tokens", "worker_id", "num_preemptions",
                   "status")
 PERCENTILES = (50, 90, 99)
+# build_records counts ITL gaps by step when tokens outnumber steps this many times
+ITL_COUNT_RATIO = 8
 
 
 @dataclass
@@ -36,6 +38,11 @@ class Records:
     token_offsets: np.ndarray  # int64, len n+1
     token_times_s: np.ndarray  # float64, request i's tokens at [offsets[i], offsets[i+1])
     reject_reasons: dict[int, str]
+    # the simulator's records also carry the ITL gaps of the completed requests as
+    # (distinct gap values, how many times each occurs): the same multiset as the gaps
+    # of token_times_s, from the steps (a long trace has tens of millions of tokens but
+    # a few hundred thousand steps); None (measured records, subsets): from the times
+    itl_counts: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.columns["request_id"].size)
@@ -58,16 +65,21 @@ def build_records(outcome: SimOutcome) -> Records:
     }
     cols["status"] = np.array(["rejected" if r.reject_reason else "ok" for r in reqs],
                               dtype=object)
-    offsets, times = _token_times(outcome)
+    ends = [e.steps.column("end_s") for e in outcome.engines]
+    offsets, times = _token_times(outcome, ends)
     reasons = {r.rid: r.reject_reason for r in reqs if r.reject_reason}
-    return Records(cols, offsets, times, reasons)
+    # counting gaps by step pays where batches are large (many tokens per step); with a
+    # few requests per step a partition of the gaps themselves is quicker
+    steps = sum(int(w.size) for w in ends)
+    counts = _itl_counts(outcome, ends) if steps * ITL_COUNT_RATIO < times.size else None
+    return Records(cols, offsets, times, reasons, counts)
 
 
-def _token_times(outcome: SimOutcome) -> tuple[np.ndarray, np.ndarray]:
+def _token_times(outcome: SimOutcome,
+                 ends: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Each request's token times: slices of its worker's step end times, one per
     range of steps it produced tokens in, joined in request order (no index array
     as long as the token count: a long trace has tens of millions of tokens)."""
-    ends = [e.steps.column("end_s") for e in outcome.engines]
     pieces: list[np.ndarray] = []
     per_req = np.zeros(len(outcome.requests), dtype=np.int64)
     for i, r in enumerate(outcome.requests):
@@ -87,6 +99,78 @@ def _token_times(outcome: SimOutcome) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.concatenate(([0], np.cumsum(per_req)))
     times = np.concatenate(pieces) if pieces else np.empty(0)
     return offsets, times
+
+
+def _itl_counts(outcome: SimOutcome,
+                ends: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The ITL gaps of the completed requests as (values, counts), without a per-token
+    array. Inside a range of steps [a, b) of worker w a request's gaps are that worker's
+    step durations ends[k] - ends[k-1] for k in a+1 .. b-1, so each duration is counted
+    once per request spanning it (a difference array per worker); the gaps between two
+    ranges, and those of tokens from an earlier worker (disaggregated prefill), are
+    listed one by one. Each value is the float difference ``np.diff`` of the token times
+    gives."""
+    marks: list[list[int]] = [[] for _ in ends]  # +1 at a+1, -1 at b (as b+S for -1)
+    single: list[float] = []
+    for r in outcome.requests:
+        if r.reject_reason:
+            continue
+        ts = r.token_steps
+        pre = r.pre_token_times
+        if len(pre) > 1:
+            single.extend(np.diff(np.asarray(pre, dtype=np.float64)).tolist())
+        if not ts:
+            continue
+        w = ends[r.worker_id]
+        m = marks[r.worker_id]
+        if pre:
+            single.append(float(w[ts[0]] - pre[-1]))
+        for j in range(0, len(ts), 2):
+            a, b = ts[j], ts[j + 1]
+            if b - a >= 2:
+                m.append(a + 1)
+                m.append(-b - 1)  # negative: a closing mark at b
+            if j:
+                single.append(float(w[a] - w[ts[j - 1] - 1]))
+    values = [np.asarray(single, dtype=np.float64)]
+    counts = [np.ones(len(single), dtype=np.int64)]
+    for w, m in zip(ends, marks, strict=True):
+        if not m:
+            continue
+        mk = np.asarray(m, dtype=np.int64)
+        cnt = np.zeros(w.size + 1, dtype=np.int64)
+        np.add.at(cnt, mk[mk > 0], 1)
+        np.add.at(cnt, -mk[mk < 0] - 1, -1)
+        c = np.cumsum(cnt)[1:w.size]  # c[k-1]: requests with a gap ending at step k
+        keep = c > 0
+        values.append(np.diff(w)[keep])
+        counts.append(c[keep])
+    return np.concatenate(values), np.concatenate(counts)
+
+
+def _weighted_stats(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
+    """``_stats`` of the multiset where ``values[i]`` occurs ``counts[i]`` times: the
+    same mean up to summation order, the same percentiles (numpy's linear method)."""
+    n = int(counts.sum())
+    if n == 0:
+        return _stats(np.empty(0))
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    last_rank = np.cumsum(counts[order]) - 1  # the rank of each value's last copy
+    out = {"mean": float(np.dot(values, counts) / n)}
+    q = np.asarray(PERCENTILES, dtype=np.float64) / 100
+    virtual = q * (n - 1)
+    lo = np.floor(virtual)
+    frac = virtual - lo
+    lo_i = lo.astype(np.int64)
+    hi_i = np.minimum(lo_i + 1, n - 1)
+    a = v[np.searchsorted(last_rank, lo_i)]
+    b = v[np.searchsorted(last_rank, hi_i)]
+    diff = b - a
+    res = np.where(frac >= 0.5, b - diff * (1 - frac), a + diff * frac)  # numpy's _lerp
+    for p, x in zip(PERCENTILES, res, strict=True):
+        out[f"p{p}"] = float(x)
+    return out
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -128,7 +212,8 @@ def summarize(records: Records) -> dict[str, Any]:
     times = records.token_times_s
     # ITL: the gaps inside each completed request, request by request (never the gap
     # from one request's last token to the next one's first)
-    itl = _itl(off, times, ok)
+    itl = (_weighted_stats(*records.itl_counts) if records.itl_counts is not None
+           else _stats(_itl(off, times, ok)))
     n_all = len(records)
     duration = float(finish.max() - c["arrival_s"].min()) if ok.any() else 0.0
     rate = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
@@ -142,7 +227,7 @@ def summarize(records: Records) -> dict[str, Any]:
         "total_throughput_tokens_per_s": rate(int(out_tokens.sum() + prompt.sum())),
         "ttft_s": _stats(ttft),
         "tpot_s": _stats(tpot),
-        "itl_s": _stats(itl),
+        "itl_s": itl,
         "e2e_s": _stats(e2e),
         "prefix_cache_hit_rate": (float(c["num_cached_tokens"][ok].sum() / prompt.sum())
                                   if prompt.sum() else 0.0),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pytest
 
 from sim.engines.vllm import StepPlan, VllmConfig, VllmEngine
 from sim.request import Request
@@ -115,3 +116,19 @@ def assert_same_records(step, ff) -> None:  # (Records, Records)
         else:
             assert (other == col).all(), name
     np.testing.assert_allclose(ff.token_times_s, step.token_times_s, rtol=1e-9)
+
+
+def assert_itl_counts_match_gaps(outcome, records) -> None:  # (SimOutcome, Records)
+    """The ITL gaps counted by step (sim.metrics._itl_counts) are exactly the gaps of
+    the token times (``_itl``), and give the same statistics."""
+    from sim.metrics import _itl, _itl_counts, _stats, _weighted_stats
+
+    ends = [e.steps.column("end_s") for e in outcome.engines]
+    values, counts = _itl_counts(outcome, ends)
+    gaps = _itl(records.token_offsets, records.token_times_s,
+                records.columns["status"] == "ok")
+    assert np.array_equal(np.sort(np.repeat(values, counts)), np.sort(gaps))
+    if gaps.size:
+        want, got = _stats(gaps), _weighted_stats(values, counts)
+        assert [got[k] for k in ("p50", "p90", "p99")] == [want[k] for k in ("p50", "p90", "p99")]
+        assert got["mean"] == pytest.approx(want["mean"], rel=1e-12)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sim.metrics import _itl
+from sim.metrics import PERCENTILES, _itl, _stats, _weighted_stats, summarize
 
 
 def _itl_by_request(off: np.ndarray, times: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -33,3 +33,44 @@ def test_gaps_across_requests_are_left_out() -> None:
     # the 4->10 gap joins two requests and is not an ITL
     assert _itl(off, times, ok).tolist() == [1.0, 2.0, 0.5]
     assert _itl(off, times, np.array([False, True, True])).tolist() == [0.5]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_counted_gaps_give_numpys_statistics(seed: int) -> None:
+    """(values, counts) stand for each value repeated count times: the same percentiles
+    as numpy's on the repeated array (linear method, bit for bit) and the same mean."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 40))
+    values = np.round(rng.random(k), int(rng.integers(1, 4)))  # ties across entries too
+    counts = rng.integers(1, 50, k)
+    want = _stats(np.repeat(values, counts))
+    got = _weighted_stats(values, counts)
+    assert [got[f"p{p}"] for p in PERCENTILES] == [want[f"p{p}"] for p in PERCENTILES]
+    assert got["mean"] == pytest.approx(want["mean"], rel=1e-12)
+    one = _weighted_stats(np.array([0.25]), np.array([1]))
+    assert one == {"mean": 0.25, "p50": 0.25, "p90": 0.25, "p99": 0.25}
+    assert np.isnan(_weighted_stats(np.empty(0), np.empty(0, dtype=np.int64))["p50"])
+
+
+def test_summary_counts_gaps_by_step_when_tokens_outnumber_steps() -> None:
+    """Two requests decoding together for 20 steps: 40 tokens in 20 steps; with the ratio
+    at 1 the records carry the counted gaps, and the summary's ITL equals the gaps'."""
+    import sim.metrics as metrics
+    from sim.engines.vllm import VllmConfig
+    from tests.sim.factories import make_trace, run_cluster
+
+    trace = make_trace([0.0, 0.0], [4, 4], [20, 20], [[], []])
+    cfg = VllmConfig(num_gpu_blocks=64, block_size=4, max_num_seqs=4,
+                     max_num_batched_tokens=16, max_model_len=64)
+    old = metrics.ITL_COUNT_RATIO
+    try:
+        metrics.ITL_COUNT_RATIO = 1
+        _, rec = run_cluster(trace, cfg, 1, True)
+    finally:
+        metrics.ITL_COUNT_RATIO = old
+    assert rec.itl_counts is not None
+    ok = rec.columns["status"] == "ok"
+    assert summarize(rec)["itl_s"]["p50"] == _stats(_itl(rec.token_offsets, rec.token_times_s,
+                                                         ok))["p50"]
+    _, rec_default = run_cluster(trace, cfg, 1, True)
+    assert rec_default.itl_counts is None  # 40 tokens, 20 steps: below the default ratio

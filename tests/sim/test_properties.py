@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from sim.engines.vllm import VllmConfig
 from sim.workload import ClosedLoop
-from tests.sim.factories import LinearTiming, assert_same_records, make_trace, run_cluster
+from tests.sim.factories import (
+    LinearTiming,
+    assert_itl_counts_match_gaps,
+    assert_same_records,
+    make_trace,
+    run_cluster,
+)
 
 
 @st.composite
@@ -88,6 +94,7 @@ def check_invariants(trace, cfg, outcome, records) -> None:
         assert t[0] == c["first_token_s"][i] and t[-1] == c["finish_s"][i]
     too_long = trace.input_tokens + trace.output_tokens > cfg.max_model_len
     assert not ok[too_long[c["request_id"]]].any()
+    assert_itl_counts_match_gaps(outcome, records)
 
 
 SETTINGS = settings(max_examples=300, deadline=None,
