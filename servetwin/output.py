@@ -150,12 +150,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"at most {plan['max_workers_booked']} workers")
         row("GPU-seconds", f"{plan['gpu_seconds']:,.0f}")
     lines.append("")
-    lines.append(f"  {'latency (ms)':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
-    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"),
-                       ("e2e_s", "E2E")):
-        st = s[key]
-        vals = "".join(f"{1000 * st[k]:>10.2f}" for k in ("mean", "p50", "p90", "p99"))
-        lines.append(f"  {label:<14}{vals}")
+    stats = ("mean", "p50", "p90", "p99")
+    table = {label: [f"{1000 * s[key][k]:,.2f}" for k in stats]
+             for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("itl_s", "ITL"),
+                                ("e2e_s", "E2E"))}
+    w = max(10, 2 + max(len(v) for vals in table.values() for v in vals))  # columns apart
+    lines.append(f"  {'latency (ms)':<14}" + "".join(f"{k:>{w}}" for k in stats))
+    for label, vals in table.items():
+        lines.append(f"  {label:<14}" + "".join(f"{v:>{w}}" for v in vals))
     unc = s.get("uncertainty")
     if unc:
         lines.append("")

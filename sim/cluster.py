@@ -15,7 +15,10 @@ so events are pushed at their absolute time (``_at``).
 
 A worker executing a fast-forward run holds one event at the run's end. An
 arrival routed to it cuts the run at the first step boundary the arrival can
-influence (the in-flight step completes); steps already past are committed.
+influence (the in-flight step completes); steps already past are committed. An
+arrival that queues behind a request the run's admission refused changes nothing
+before the run ends but the steps' waiting count: the engine absorbs it
+(``absorbs_arrival``) and the run goes on.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class Worker:
         if plan is None:
             self._want_schedule(now)
             return
-        if plan.num_steps > 1:
+        if plan.num_steps > 1 and not self.engine.absorbs_arrival(plan, now):
             self._cut_run(plan, now)
 
     def _cut_run(self, plan: StepPlan, now: float) -> None:

@@ -24,8 +24,11 @@ class Request:
     __slots__ = (
         "arrival_s",
         "blocks",
+        "cj",
+        "dtick",
         "finish_s",
         "first_token_s",
+        "ftick",
         "hash_ids",
         "hashed_end",
         "hold_kv",
@@ -43,6 +46,7 @@ class Request:
         "reject_reason",
         "remote_kv_tokens",
         "rid",
+        "seq",
         "session_id",
         "stop_at",
         "token_steps",
@@ -84,6 +88,14 @@ class Request:
         self.hold_kv = False
         self.remote_kv_tokens = 0
         self.pre_token_times: list[float] = []
+        # vLLM engine bookkeeping: ``seq`` orders the running list; a member of the
+        # engine's decode cohort (``dtick`` >= 0) has its counters valid as of engine
+        # tick ``dtick`` and advances one token per tick without being visited
+        # (sim/engines/vllm.py); ``ftick`` is the tick it finishes at, ``cj`` its join id
+        self.seq = -1
+        self.dtick = -1
+        self.ftick = -1
+        self.cj = -1
 
     def add_token_steps(self, first_step: int, num_steps: int) -> None:
         """Record that steps [first_step, first_step + num_steps) each produced a token."""

@@ -32,7 +32,7 @@ Adding a router, and a KV-aware cost function (``router: {kind: kv_aware, cost: 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -71,10 +71,31 @@ class WorkerView:
     cached_tokens: Callable[[Request, dict[Any, Any]], int]
 
 
+class _SyncedRunning(Sequence[Request]):
+    """A vLLM engine's running list whose requests' counters are brought up to date
+    (the engine's decode cohort advances them lazily) when a router reads them."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self._engine = engine
+
+    def __len__(self) -> int:
+        return len(self._engine.running)
+
+    def __getitem__(self, i: Any) -> Any:
+        self._engine.sync_requests()
+        return self._engine.running[i]
+
+    def __iter__(self) -> Iterator[Request]:
+        self._engine.sync_requests()
+        return iter(self._engine.running)
+
+
 def worker_view(engine: Any) -> WorkerView:
     """The one place routers read engines. A new engine type adds one branch."""
     if isinstance(engine, VllmEngine):
-        return WorkerView(engine.waiting, engine.running, engine.hash_block_tokens,
+        return WorkerView(engine.waiting, _SyncedRunning(engine), engine.hash_block_tokens,
                           engine.config.block_size,
                           lambda req, memo: _vllm_cached_tokens(engine, req, memo))
     if isinstance(engine, SglangEngine):

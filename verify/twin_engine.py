@@ -268,10 +268,11 @@ class Twin:
                         m = int(np.searchsorted(plan.ends[:plan.num_steps - 1], v, "right"))
                         if m > plan.committed:
                             eng.commit(plan, m)
-                            self._emit(plan.requests)
+                            self._emit_running()
                     return
                 done = eng.commit(plan, plan.num_steps)
-                self._emit(plan.requests or [r for r, _ in plan.scheduled])
+                self._emit_running()
+                self._emit(done)
                 for req in done:
                     self._finished(req)
                 self.plan = None
@@ -309,6 +310,12 @@ class Twin:
             self.engine.truncate(plan, c)
         else:
             self.engine.truncate(plan, c + 1)
+
+    def _emit_running(self) -> None:
+        """Stream what the running requests produced (the decode cohort's counters
+        are brought up to date first)."""
+        self.engine.sync_requests()
+        self._emit(self.engine.running)
 
     def _emit(self, reqs: Iterable[Request]) -> None:
         streams = self.streams

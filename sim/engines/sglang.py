@@ -600,7 +600,12 @@ class SglangEngine:
         rem = (free + evictable) - offset
         hit = np.flatnonzero(total + page <= rem)
         return int(hit[0]) + 1 if hit.size else k
+
     # ---------------------------------------------------------------- commit
+    def absorbs_arrival(self, plan: SglangPlan, now: float) -> bool:
+        """Every arrival cuts an SGLang run (its admission is re-decided at once)."""
+        return False
+
     def truncate(self, plan: SglangPlan, num_steps: int) -> None:
         """Cut a run to its first ``num_steps`` steps (>= the committed ones)."""
         plan.num_steps = max(num_steps, plan.committed, 1)

@@ -28,13 +28,25 @@ for the growing contexts). Blocks for steps 1..k-1 are taken lazily, in the
 same (step, running order) sequence step-by-step mode takes them, when steps
 are committed; a run can be cut short at any step boundary (a new arrival),
 and then only the committed steps have happened.
+
+The decode cohort. A running request that is decoding (one token to catch up,
+past its hashed prompt) joins the engine's cohort: its counters are kept as of the
+engine tick at which it joined (``Request.dtick``) and it advances one token per
+tick without being visited. A step costs what changes in it, not the batch size:
+the cohort members that need a block this step (a bucket keyed by context length
+mod block size), the requests still prefilling (``_explicit``), completions (a heap
+of finish ticks), preemptions. Its per-token step indices come from the engine's
+tick -> step map when it leaves (finish, preemption) or is read (``sync_requests``).
+When the token budget could bind inside the cohort the step falls back to the full
+ordered loop over RUNNING, the cohort dissolved; results are the same either way.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from dataclasses import dataclass
+from heapq import heappop, heappush
 
 import numpy as np
 
@@ -68,28 +80,45 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _by_seq(req: Request) -> int:
+    return req.seq
+
+
 class StepPlan(PlanBase):
     """What one step (or one fast-forward run of identical decode steps) does."""
 
-    __slots__ = ("ev_owner", "ev_steps", "handed", "load_s")
+    __slots__ = ("cohort", "ev_steps", "first_tokens", "handed", "is_run", "load_s",
+                 "n_running", "tick0", "wait_bumps")
 
     def __init__(self, start_s: float) -> None:
         super().__init__(start_s)
         self.handed = 1  # run steps [0, handed) have their blocks (step 0's at schedule)
         self.load_s = 0.0  # KV loaded back from offload tiers during this step
-        # a run's block events: (step index within the run, index of the request), in
-        # allocation order
+        self.cohort = 0  # cohort members scheduled (each decodes one token)
+        self.first_tokens: list[Request] = []  # members whose first token is step 0's
+        # a run: the engine tick at its first step, the running count, and its block
+        # events (step index within the run, one entry per block, in allocation order;
+        # a step's blocks go to its cohort bucket's members in running order)
+        self.is_run = False
+        self.tick0 = 0
+        self.n_running = 0
         self.ev_steps: list[int] = []
-        self.ev_owner: list[int] = []
+        # run steps from which one more request waits (arrivals the run absorbed)
+        self.wait_bumps: list[int] = []
 
 
 class VllmEngine:
     def __init__(self, config: VllmConfig, timing: TimingModel, hash_block_tokens: int,
-                 num_hash_ids: int, fast_forward: bool = True) -> None:
-        """``num_hash_ids``: requests' hash ids are dense in [0, num_hash_ids)."""
+                 num_hash_ids: int, fast_forward: bool = True, cohort: bool = True) -> None:
+        """``num_hash_ids``: requests' hash ids are dense in [0, num_hash_ids).
+        ``cohort=False`` (step-by-step only) visits every running request in every
+        step, vLLM's loop as written: the reference the cohort is tested against."""
+        if not cohort and fast_forward:
+            raise ValueError("fast-forward runs rest on the decode cohort")
         self.config = config
         self.timing = timing
         self.fast_forward = fast_forward
+        self._use_cohort = cohort
         self.pool = BlockPool(config.num_gpu_blocks, config.block_size, hash_block_tokens,
                               num_hash_ids, enable_caching=config.enable_prefix_caching)
         self.hash_block_tokens = hash_block_tokens
@@ -105,6 +134,21 @@ class VllmEngine:
         self._rejected: list[Request] = []
         self._held: dict[int, list[int]] = {}  # rid -> blocks kept for a KV handoff
         self._watermark_blocks = int(config.watermark * self.pool.num_usable)
+        # the decode cohort (module docstring)
+        self.tick = 0
+        self._seq = 0  # next running-order number
+        self._explicit: list[Request] = []  # running requests outside the cohort, in order
+        self._n_c = 0  # cohort size
+        self._cbase = 0  # sum over the cohort of (num_computed - dtick)
+        self._cmax_seq = -1  # >= the largest seq that joined the cohort since it dissolved
+        self._buckets: list[list[Request]] = [[] for _ in range(config.block_size)]
+        self._bsize = np.zeros(config.block_size, dtype=np.int64)  # their sizes
+        self._j1 = np.arange(1, config.block_size + 1, dtype=np.int64)
+        self._fheap: list[tuple[int, int, Request]] = []  # (finish tick, join id, request)
+        self._cj = 0
+        self._tk_t: list[int] = []  # tick -> step map: segments starting at these ticks
+        self._tk_off: list[int] = []  # ... with step = tick + offset
+        self._synced = -1  # tick at which every member was last synced
 
     # ---------------------------------------------------------------- intake
     def add_request(self, req: Request) -> bool:
@@ -136,12 +180,65 @@ class VllmEngine:
             refused = self._schedule_waiting(plan, budget)
         else:
             self.preemption_log.extend((now, r.rid) for r in plan.preempted)
-        if not plan.scheduled:
+        if not plan.scheduled and not plan.cohort:
             return None
         self._time(plan, now, refused)
         return plan
 
+    def batch(self, plan: StepPlan) -> list[tuple[Request, int]]:
+        """The step's whole batch in running order, (request, tokens): the cohort's
+        members (one token each) with the requests visited one by one. Valid between
+        ``schedule`` and ``commit`` (for tests and inspection)."""
+        out = [(r, 1) for r in self.running if r.dtick >= 0] if plan.cohort else []
+        out.extend(plan.scheduled)
+        out.sort(key=lambda x: x[0].seq)
+        return out
+
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+        explicit = self._explicit
+        n_c = self._n_c
+        if n_c and (n_c >= budget or (explicit and explicit[0].seq < self._cmax_seq)):
+            # the budget could run out inside the cohort, or a request still
+            # prefilling sits before a cohort member: walk RUNNING in order
+            self._dissolve()
+            return self._schedule_in_order(plan, budget, self.running)
+        if not n_c:
+            return self._schedule_in_order(plan, budget, explicit)
+        # the cohort comes first in running order and fits the budget: each member
+        # takes one token; only those entering a new block are visited
+        pool = self.pool
+        bs = self.config.block_size
+        tick = self.tick
+        running = self.running
+        needing = self._buckets[-tick % bs]
+        for req in list(needing) if needing else ():
+            if req.dtick < 0:
+                continue  # preempted above
+            c = req.num_computed + tick - req.dtick
+            need = cdiv(c + 1, bs) - len(req.blocks)
+            while need > pool.num_free:
+                victim = running.pop()
+                self._preempt(victim)
+                plan.preempted.append(victim)
+                if victim is req:
+                    # everything after it is gone too
+                    self._count_cohort(plan)
+                    return budget - plan.cohort
+            if need > 0:
+                req.blocks.extend(pool.allocate(need))
+        self._count_cohort(plan)
+        return self._schedule_in_order(plan, budget - plan.cohort, explicit)
+
+    def _count_cohort(self, plan: StepPlan) -> None:
+        n = plan.cohort = self._n_c
+        plan.num_d += n
+        plan.ctx_d += self._cbase + n * (self.tick + 1)
+
+    def _schedule_in_order(self, plan: StepPlan, budget: int, reqs: list[Request]) -> int:
+        """vLLM's loop over RUNNING for ``reqs`` (running requests outside the cohort, in
+        running order): each gets min(tokens to catch up, threshold, budget); when its
+        blocks cannot be allocated the *last* running request is preempted, repeatedly,
+        until they fit or the request preempted itself."""
         cfg = self.config
         pool = self.pool
         bs = cfg.block_size
@@ -150,8 +247,8 @@ class VllmEngine:
         sched = plan.scheduled
         num_d = ctx_d = 0
         i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
+        while i < len(reqs) and budget > 0:
+            req = reqs[i]
             c = req.num_computed
             n = req.num_tokens - c
             if n == 1 and c % bs and c >= req.hashed_end:
@@ -183,6 +280,101 @@ class VllmEngine:
         plan.num_d += num_d
         plan.ctx_d += ctx_d
         return budget
+
+    # ---------------------------------------------------------------- cohort
+    def _join(self, req: Request) -> None:
+        """``req`` just sampled a token and decodes from now on: into the cohort."""
+        tick = self.tick
+        req.dtick = tick
+        base = req.num_computed - tick
+        req.ftick = f = tick + req.stop_at - req.num_output
+        self._cj += 1
+        req.cj = self._cj
+        heappush(self._fheap, (f, self._cj, req))
+        r = base % self.config.block_size
+        bucket = self._buckets[r]
+        self._bsize[r] += 1
+        if bucket and bucket[-1].seq > req.seq:
+            insort(bucket, req, key=_by_seq)
+        else:
+            bucket.append(req)
+        self._n_c += 1
+        self._cbase += base
+        if req.seq > self._cmax_seq:
+            self._cmax_seq = req.seq
+
+    def _leave(self, req: Request) -> None:
+        """Out of the cohort, counters and token steps brought up to date."""
+        self._sync(req)
+        base = req.num_computed - req.dtick
+        r = base % self.config.block_size
+        self._buckets[r].remove(req)
+        self._bsize[r] -= 1
+        self._n_c -= 1
+        self._cbase -= base
+        req.dtick = -1
+        req.cj = -1
+
+    def _sync(self, req: Request) -> None:
+        """Bring a member's counters and token steps up to the engine's tick."""
+        a = req.dtick
+        b = self.tick
+        if a == b:
+            return
+        d = b - a
+        req.num_computed += d
+        req.num_output += d
+        req.num_tokens += d
+        req.dtick = b
+        tk_t = self._tk_t
+        tk_off = self._tk_off
+        i = bisect_right(tk_t, a) - 1
+        last = len(tk_t) - 1
+        ts = req.token_steps
+        while a < b:
+            e = b if i == last else min(b, tk_t[i + 1])
+            off = tk_off[i]
+            s0 = a + off
+            if ts and ts[-1] == s0:
+                ts[-1] = e + off
+            else:
+                ts.append(s0)
+                ts.append(e + off)
+            a = e
+            i += 1
+
+    def _advance(self, first_step: int, m: int) -> None:
+        """The cohort took ``m`` tokens in steps [first_step, first_step + m)."""
+        off = first_step - self.tick
+        if not self._tk_off or self._tk_off[-1] != off:
+            self._tk_t.append(self.tick)
+            self._tk_off.append(off)
+        self.tick += m
+
+    def _dissolve(self) -> None:
+        """Every member back to explicit counters (the in-order loop visits them)."""
+        for req in self.running:
+            if req.dtick >= 0:
+                self._sync(req)
+                req.dtick = -1
+                req.cj = -1
+        self._explicit = list(self.running)
+        for b in self._buckets:
+            b.clear()
+        self._bsize[:] = 0
+        self._fheap.clear()
+        self._n_c = 0
+        self._cbase = 0
+        self._cmax_seq = -1
+
+    def sync_requests(self) -> None:
+        """Bring every running request's counters up to date (for readers outside)."""
+        if self._synced == self.tick or not self._n_c:
+            return
+        self._synced = self.tick
+        for req in self.running:
+            if req.dtick >= 0:
+                self._sync(req)
 
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> bool:
         """Admit from WAITING; True if admission stopped on a refusal (or nothing waits)."""
@@ -254,7 +446,10 @@ class VllmEngine:
             if low.size:  # the loaded blocks are indexed on the GPU again
                 pool.cache(np.asarray(req.blocks[hit.size:hit.size + len(low)],
                                       dtype=np.int64), low_keys)
+            req.seq = self._seq
+            self._seq += 1
             self.running.append(req)
+            self._explicit.append(req)
             budget -= n
         return True
 
@@ -334,6 +529,10 @@ class VllmEngine:
                 pool.cache(ids, layout.keys[lo:hi])
 
     def _preempt(self, req: Request) -> None:
+        if req.dtick >= 0:
+            self._leave(req)
+        else:
+            self._explicit.remove(req)
         bs = self.config.block_size
         blocks = np.asarray(req.blocks, dtype=np.int64)
         self.pool.free(blocks)
@@ -354,58 +553,89 @@ class VllmEngine:
         plan.waiting_len = len(self.waiting)
         used0 = self.pool.num_used
         if (self.fast_forward and plan.num_p == 0 and not plan.preempted and refused
-                and len(plan.scheduled) == len(self.running) and not plan.load_s):
+                and not plan.load_s and len(plan.scheduled) == len(self._explicit)):
+            if plan.scheduled:
+                # decodes outside the cohort (a prompt whose last chunk was one token,
+                # a dissolved cohort): into it, so that the run covers them too
+                for req, _ in plan.scheduled:
+                    self._join(req)
+                    if req.num_output == 0:
+                        plan.first_tokens.append(req)
+                plan.cohort += len(plan.scheduled)
+                plan.scheduled = []
+                self._explicit = []
             k = self._plan_run(plan)
-            if k <= 1:
-                plan.num_steps = 1
-                plan.requests = []
-            else:
+            if k > 1:
                 dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)
                 dts[0] += now  # a running sum from now, added in step-by-step order
                 plan.ends = np.cumsum(dts)
                 plan.used = [used0]
                 return
+            plan.is_run = False
+            plan.num_steps = 1
         dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
         dt += plan.load_s
         plan.ends = [now + dt]
         plan.used = [used0]
 
-    def _plan_run(self, plan: StepPlan) -> int:
-        """Length k of the decode run starting with this step; sets its block events.
+    def _first_finish(self) -> int:
+        heap = self._fheap
+        while heap[0][2].cj != heap[0][1]:
+            heappop(heap)  # left the cohort (preempted) since it was pushed
+        return heap[0][0]
 
-        Step j >= 1 of the run needs a new block for a request with c computed
-        tokens at the start iff (c + j) % block_size == 0: first at j0 in
-        [1, block_size], then every block_size steps. Events are listed in the
-        order step-by-step mode allocates them: by step, then running order.
-        Batches are small (a handful to a few hundred requests), so this is
-        plain Python: numpy's per-call cost would dominate.
+    def _plan_run(self, plan: StepPlan) -> int:
+        """Length k of the decode run starting with this step (every running request
+        is a cohort member); sets its block events.
+
+        Step j >= 1 of the run needs a new block for a member with c computed tokens
+        at the start iff (c + j) % block_size == 0: the members of one bucket at once,
+        every block_size steps. Events are listed in the order step-by-step mode
+        allocates them: by step, then running order.
         """
-        reqs = self.running
-        bs = self.config.block_size
-        k_done = min(r.stop_at - r.num_output for r in reqs)
+        tick = self.tick
+        k_done = self._first_finish() - tick
         if k_done <= 1:
             return 1
-        by_first = sorted(((bs - r.num_computed % bs, i) for i, r in enumerate(reqs)))
-        ev_steps: list[int] = []
-        ev_owner: list[int] = []
-        base = 0
-        while base + 1 < k_done:
-            for j0, i in by_first:
-                j = base + j0
-                if j >= k_done:
-                    break
-                ev_steps.append(j)
-                ev_owner.append(i)
-            base += bs
+        bs = self.config.block_size
+        n_c = self._n_c
         free = self.pool.num_free
-        # the first event that cannot get a block ends the run before its step
-        k = k_done if len(ev_steps) <= free else ev_steps[free]
-        if self._fragile_refusal and ev_steps:
-            k = min(k, ev_steps[0])  # decide again once the run has taken a block
-        plan.requests = list(reqs)
+        ev_steps: list[int] = []
+        if n_c * 4 <= bs:
+            # few members: one entry each (running == the cohort here), plain Python;
+            # firsts: the first step >= 1 at which each member takes a block
+            firsts = sorted((-(r.num_computed - r.dtick + tick)) % bs or bs
+                            for r in self.running)
+            # the first event that cannot get a block ends the run before its step
+            q, r = divmod(free, n_c)
+            k = min(k_done, q * bs + firsts[r])
+            if self._fragile_refusal:
+                k = min(k, firsts[0])  # decide again once the run has taken a block
+            base = 0
+            while base + 1 < k:
+                for j0 in firsts:
+                    j = base + j0
+                    if j >= k:
+                        break
+                    ev_steps.append(j)
+                base += bs
+        else:
+            # the buckets' sizes in the order of their first step 1 .. bs: bucket r
+            # takes blocks at steps j with (r + tick + j) % bs == 0
+            sizes = self._bsize[(-tick - self._j1) % bs]
+            cum = np.cumsum(sizes)
+            q, r = divmod(free, n_c)
+            k = min(k_done, q * bs + int(np.searchsorted(cum, r, side="right")) + 1)
+            if self._fragile_refusal:
+                k = min(k, int(np.flatnonzero(sizes)[0]) + 1)
+            if k > 1:
+                js = np.arange(1, k, dtype=np.int64)
+                ev_steps = np.repeat(js, sizes[(js - 1) % bs]).tolist()
+        plan.is_run = True
+        plan.tick0 = tick
+        plan.n_running = len(self.running)
         plan.k_done = k_done
         plan.ev_steps = ev_steps
-        plan.ev_owner = ev_owner
         plan.num_steps = k
         return k
 
@@ -420,52 +650,89 @@ class VllmEngine:
         if upto <= lo:
             return []
         plan.committed = upto
-        if plan.requests:
+        if plan.is_run:
             return self._commit_run(plan, lo, upto)
         end = plan.ends[0]
         idx = plan.first_step
         self.steps.append(plan.start_s, end, plan.used[0], len(self.running),
                           plan.waiting_len, plan.num_p, plan.num_d)
-        for req, n in plan.scheduled:
-            c = req.num_computed = req.num_computed + n
-            if c == req.num_tokens:
-                req.num_output += 1
-                req.num_tokens += 1
-                req.add_token_steps(idx, 1)
-                if req.num_output == 1:
-                    req.first_token_s = end
-        return self._finish(end)
+        if plan.cohort:
+            self._advance(idx, 1)
+            for req in plan.first_tokens:
+                req.first_token_s = end
+        done = self._finishing()
+        if plan.scheduled:
+            joined = False
+            for req, n in plan.scheduled:
+                c = req.num_computed = req.num_computed + n
+                if c == req.num_tokens:
+                    req.num_output += 1
+                    req.num_tokens += 1
+                    req.add_token_steps(idx, 1)
+                    if req.num_output == 1:
+                        req.first_token_s = end
+                    if req.num_output >= req.stop_at:
+                        done.append(req)
+                    elif self._use_cohort:
+                        self._join(req)
+                        joined = True
+            if joined:
+                self._explicit = [r for r in self._explicit if r.dtick < 0]
+        return self._finish(end, done)
+
+    def _finishing(self) -> list[Request]:
+        """Cohort members whose last token came with the current tick (they leave)."""
+        heap = self._fheap
+        tick = self.tick
+        done: list[Request] = []
+        while heap and heap[0][0] <= tick:
+            f, cj, req = heappop(heap)
+            if req.cj == cj:
+                assert f == tick, "a cohort member ran past its last token"
+                self._leave(req)
+                done.append(req)
+        return done
+
+    def absorbs_arrival(self, plan: StepPlan, now: float) -> bool:
+        """A request that arrived at ``now`` (already queued) during a run: True if it
+        cannot change the run. It cannot when the run's admission refused a waiting
+        request: it queues behind it, and nothing the refusal rests on (running
+        count, free blocks, budget) eases before the run ends (a fragile refusal
+        ends the run at its first block). The steps that start from ``now`` on
+        count one more waiting request."""
+        if not plan.is_run or plan.waiting_len == 0:
+            return False
+        j = bisect_left(plan.ends, now) + 1  # the first step that starts at or after now
+        if j < plan.num_steps:
+            plan.wait_bumps.append(j)
+        return True
 
     def _commit_run(self, plan: StepPlan, lo: int, hi: int) -> list[Request]:
-        m = hi - lo
-        reqs = plan.requests
-        first_idx = plan.first_step + lo
+        bumps = plan.wait_bumps
+        if bumps and bumps[0] < hi:
+            # one step-log segment per waiting count
+            cuts = sorted({b for b in bumps if lo < b < hi})
+            for x, y in zip([lo, *cuts], [*cuts, hi], strict=True):
+                self._log_run(plan, x, y, plan.waiting_len + bisect_right(bumps, x))
+        else:
+            self._log_run(plan, lo, hi, plan.waiting_len)
+        self._advance(plan.first_step + lo, hi - lo)
+        if lo == 0:
+            for req in plan.first_tokens:
+                req.first_token_s = float(plan.ends[0])
+        self._hand_out_blocks(plan, hi)
+        if hi < plan.k_done:
+            return []  # a run ends its requests only in step k_done - 1
+        return self._finish(float(plan.ends[hi - 1]), self._finishing())
+
+    def _log_run(self, plan: StepPlan, lo: int, hi: int, waiting: int) -> None:
         start = plan.start_s if lo == 0 else float(plan.ends[lo - 1])
         ev = plan.ev_steps
         a = bisect_right(ev, lo)  # blocks taken in steps up to lo are in use at lo
         b = bisect_left(ev, hi)
+        n = plan.n_running
         self.steps.extend(start, plan.ends[lo:hi], plan.used[0] + a, [e - lo for e in ev[a:b]],
-                          len(reqs), plan.waiting_len, 0, len(reqs))
-        if lo == 0:
-            for req in reqs:
-                if req.num_output == 0:
-                    # a prompt whose last chunk was one token joins a decode run
-                    req.first_token_s = float(plan.ends[0])
-        last = first_idx + m
-        for req in reqs:
-            req.num_computed += m
-            req.num_output += m
-            req.num_tokens += m
-            ts = req.token_steps  # Request.add_token_steps, inlined: this loop is hot
-            if ts and ts[-1] == first_idx:
-                ts[-1] = last
-            else:
-                ts.append(first_idx)
-                ts.append(last)
-        self._hand_out_blocks(plan, hi)
-        if hi < plan.k_done:
-            return []  # a run ends its requests only in step k_done - 1
-        return self._finish(float(plan.ends[hi - 1]))
+                          n, waiting, 0, n)
 
     def _hand_out_blocks(self, plan: StepPlan, hi: int) -> None:
         """Allocate the blocks of run steps [handed, hi), in the planned event order."""
@@ -478,7 +745,6 @@ class VllmEngine:
         hi_ev = bisect_left(steps, hi)
         if hi_ev == lo_ev:
             return
-        reqs = plan.requests
         pool = self.pool
         if pool._plog is not None:
             # a lagged router view reads each eviction's time: take the blocks step by
@@ -498,21 +764,37 @@ class VllmEngine:
             # one block at a time, as step-by-step mode takes them: what each eviction
             # writes to the offload tiers then happens in the same order and grouping
             ids = [pool.allocate(1)[0] for _ in range(hi_ev - lo_ev)]
-        for owner, b in zip(plan.ev_owner[lo_ev:hi_ev], ids, strict=True):
-            reqs[owner].blocks.append(b)
+        # a step's blocks go to the members of its bucket, in running order (the
+        # cohort cannot change during a run)
+        buckets = self._buckets
+        bs = self.config.block_size
+        t0 = plan.tick0
+        i = lo_ev
+        k = 0
+        while i < hi_ev:
+            members = buckets[-(t0 + steps[i]) % bs]
+            for req in members:
+                req.blocks.append(ids[k])
+                k += 1
+            i += len(members)
+        assert i == hi_ev, "a run's block events and its cohort buckets disagree"
 
     def start_step(self, plan: StepPlan, j: int) -> None:
         """Run step ``j`` has started (its predecessors are committed): take its blocks
         now, as step-by-step mode does when it schedules the step, so that anything
         reading the pool mid-run (a KV-aware router, a planner) sees the same state."""
-        if plan.requests:
+        if plan.is_run:
             self._hand_out_blocks(plan, j + 1)
 
-    def _finish(self, end: float) -> list[Request]:
-        done = [r for r in self.running if r.num_output >= r.stop_at]
+    def _finish(self, end: float, done: list[Request]) -> list[Request]:
         if not done:
             return done
-        self.running = [r for r in self.running if r.num_output < r.stop_at]
+        if len(done) > 1:
+            done.sort(key=_by_seq)  # running order
+        gone = {r.rid for r in done}
+        self.running = [r for r in self.running if r.rid not in gone]
+        if self._explicit:
+            self._explicit = [r for r in self._explicit if r.rid not in gone]
         for req in done:
             if req.hold_kv:
                 # a prefill worker keeps the KV until the decode side has read it

@@ -68,7 +68,10 @@ def drive(engine: VllmEngine, arrivals: Iterable[Request], until_idle: bool = Tr
             if not engine.has_work:
                 break
             continue
+        # the whole batch: a vLLM engine's decode cohort is not in plan.scheduled
+        batch = engine.batch(plan) if isinstance(engine, VllmEngine) else plan.scheduled
         engine.commit(plan, plan.num_steps)
+        plan.scheduled = batch  # for the tests' inspection: what the step ran
         log.append((now, plan))
         now = plan.end_s
     return log
@@ -92,7 +95,8 @@ def make_trace(arrival_s: Sequence[float], input_tokens: Sequence[int],
 
 
 def run_cluster(trace, config: VllmConfig, num_workers: int, fast_forward: bool,
-                timing=None, closed_loop=None):  # -> (SimOutcome, Records)
+                timing=None, closed_loop=None, cohort: bool = True
+                ):  # -> (SimOutcome, Records)
     from sim.cluster import Cluster
     from sim.kv import dense_hash_ids
     from sim.metrics import build_records
@@ -100,7 +104,8 @@ def run_cluster(trace, config: VllmConfig, num_workers: int, fast_forward: bool,
 
     dense, n_ids = dense_hash_ids(trace.hash_ids)
     engines = [VllmEngine(config, timing or LinearTiming(), trace.hash_block_tokens, n_ids,
-                          fast_forward=fast_forward) for _ in range(num_workers)]
+                          fast_forward=fast_forward, cohort=cohort)
+               for _ in range(num_workers)]
     router = make_router("round_robin", {}, num_workers, np.random.default_rng(0))
     outcome = Cluster(engines, router, trace, dense, closed_loop).run()
     return outcome, build_records(outcome)
