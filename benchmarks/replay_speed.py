@@ -122,7 +122,7 @@ def fmt(xs: list[float]) -> str:
 def report(cmds: list[Command]) -> None:
     print(f"\n{'command':<16}{'median':>9}{'min':>9}{'max':>9}  wall s |{'sim s':>8}"
           f"{'x real':>8}{'passes':>11}{'events':>11}{'peak MB':>9}{'ITL p50':>11}"
-          f"{'TTFT p50':>11}{'prefix reuse':>14}")
+          f"{'TTFT p50':>14}{'prefix reuse':>14}")
     for c in cmds:
         i = c.info
         med = statistics.median(c.walls)
@@ -130,7 +130,7 @@ def report(cmds: list[Command]) -> None:
         events = f"{i['events']:>11,.0f}" if "events" in i else f"{'-':>11}"
         print(f"{c.label:<16}{fmt(c.walls)}        |{i['sim_s']:8.1f}{i['sim_s'] / med:8.0f}"
               f"{passes}{events}{max(c.peaks_mb):9.0f}{i['itl_p50_ms']:8.2f} ms"
-              f"{i['ttft_p50_ms']:8.1f} ms{100 * i['prefix_reuse']:12.2f} %")
+              f"{i['ttft_p50_ms']:11,.1f} ms{100 * i['prefix_reuse']:12.2f} %")
     base = cmds[-1]
     for c in cmds[:-1]:
         ratios = [a / b for a, b in zip(c.walls, base.walls, strict=True)]

@@ -164,6 +164,20 @@ def _cmd_refit(args: argparse.Namespace) -> int:
     return refit_main(args.rest, prog="servetwin refit")
 
 
+def _small_pages() -> None:
+    """Ask numpy not to back large arrays with transparent huge pages. Where the kernel
+    compacts memory on such a fault (THP defrag "madvise", as on this project's CI
+    machines) the first touch of a fresh 330 MB array took 0.7-1.0 s instead of 0.14 s:
+    the records of an output-x10 replay (41 M token times) were built in 0.6-0.9 s
+    instead of 0.26 s (benchmarks/replay_speed.py --growth)."""
+    import numpy as np
+
+    setter = getattr(getattr(np, "_core", None), "multiarray", None)
+    setter = getattr(setter, "_set_madvise_hugepage", None)
+    if setter is not None:
+        setter(False)
+
+
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["refit"]:  # its own parser (calibrate.refit), options included
@@ -172,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         return refit_main(given[1:], prog="servetwin refit")
     from sim.scenario import one_line
 
+    _small_pages()
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
