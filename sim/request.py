@@ -106,6 +106,15 @@ class Request:
             ts.append(first_step)
             ts.append(first_step + num_steps)
 
+    def sample(self, step: int, end_s: float) -> None:
+        """The step ``step`` (ending at ``end_s``) caught the request up: one more
+        token, the first one setting the time to first token."""
+        self.num_output += 1
+        self.num_tokens += 1
+        self.add_token_steps(step, 1)
+        if self.num_output == 1:
+            self.first_token_s = end_s
+
     def __repr__(self) -> str:
         return (f"Request({self.rid}, computed={self.num_computed}/{self.num_tokens}, "
                 f"out={self.num_output}/{self.max_output_tokens})")

@@ -627,11 +627,7 @@ class SglangEngine:
             if n > 1 or c < req.num_tokens or req.num_output == 0:
                 self._cache_computed(req)  # cache_unfinished_req after an extend
             if c == req.num_tokens:
-                req.num_output += 1
-                req.num_tokens += 1
-                req.add_token_steps(idx, 1)
-                if req.num_output == 1:
-                    req.first_token_s = end
+                req.sample(idx, end)
         return self._finish(end)
 
     def _finish(self, end: float) -> list[Request]:

@@ -666,11 +666,7 @@ class VllmEngine:
             for req, n in plan.scheduled:
                 c = req.num_computed = req.num_computed + n
                 if c == req.num_tokens:
-                    req.num_output += 1
-                    req.num_tokens += 1
-                    req.add_token_steps(idx, 1)
-                    if req.num_output == 1:
-                        req.first_token_s = end
+                    req.sample(idx, end)
                     if req.num_output >= req.stop_at:
                         done.append(req)
                     elif self._use_cohort:
