@@ -40,6 +40,7 @@ each stream's last read, not by aiohttp's per-read timer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import platform
 import sys
@@ -338,6 +339,12 @@ class Replay:
         cancelled = False
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, GIL_SWITCH_S))
+        # what lives before the replay (the plan, imports, a test session's objects)
+        # moves out of the collector's reach: a full collection over it stalled the loop
+        # ~20 ms at a burst's deadline (its sends all late by 13 ms; seen in
+        # tests/verify/test_loadgen.py after two replays in one process)
+        gc.collect()
+        gc.freeze()
         self._writer = RecordWriter(records_path)
         connector = aiohttp.TCPConnector(limit=0, force_close=self.force_close)
         # no sock_read timeout: aiohttp would re-arm a timer on every socket read; the
@@ -370,6 +377,7 @@ class Replay:
                 watchdog.cancel()
         finally:
             sys.setswitchinterval(switch)
+            gc.unfreeze()
             if self._session is not None:
                 await self._session.close()
             if self._exporter is not None:
