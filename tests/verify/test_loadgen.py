@@ -238,7 +238,7 @@ def test_cancelling_a_replay_records_the_requests_in_flight(twin, tmp_path):
 CTRL_C_SCRIPT = """
 import json, sys
 from verify.loadgen import PlannedRequest, run_replay
-plan = [PlannedRequest(i, i * 0.05, list(range(100, 130)), 100) for i in range(30)]
+plan = [PlannedRequest(i, i * 0.2, list(range(100, 130)), 100) for i in range(30)]
 s = run_replay(plan, [sys.argv[1]], "twin", sys.argv[2])
 print(json.dumps(s.to_dict()))
 """
