@@ -30,15 +30,17 @@ def _run_dir(root: Path, name: str, out: str | None) -> Path:
     return d
 
 
-def _write_run(out: Path, csv: bool, result: SimResult, resolved_doc: dict[str, Any]) -> Path:
+def _write_run(out: Path, csv: bool, result: SimResult,
+               resolved_doc: dict[str, Any]) -> list[Path]:
     """Records, resolved scenario, then the summary: a folder with summary.json holds a
     whole run. A failed write removes what this run wrote and says why."""
     from .output import write_records, write_summary, write_yaml
 
     written: list[Path] = []
     try:
-        written.append(write_records(out / ("records.csv" if csv else "records.parquet"),
+        written.extend(write_records(out / ("records.csv" if csv else "records.parquet"),
                                      result.records))
+        records_files = list(written)
         written.append(out / "scenario.resolved.yaml")
         write_yaml(written[-1], resolved_doc)
         if result.resolved.loaded.scenario.simulation.timeline:
@@ -49,11 +51,13 @@ def _write_run(out: Path, csv: bool, result: SimResult, resolved_doc: dict[str, 
         written.append(out / "summary.json")
         write_summary(written[-1], result.summary)
     except OSError as e:
-        for f in written:
+        from .output import STEPS_FILE
+
+        for f in [*written, out / STEPS_FILE]:
             f.unlink(missing_ok=True)
         raise InputError(str(e.filename or out), f"cannot write ({e.strerror or e})",
                          "choose a writable --out folder") from None
-    return written[0]
+    return records_files
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -94,15 +98,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                          f"cannot create the output folder ({e.strerror or e})",
                          "choose a writable --out or --reports folder") from None
     resolved_doc = {"scenario": scenario_to_dict(sc), "resolved": resolved.as_dict()}
-    rec_path = _write_run(out, args.csv, result, resolved_doc)
+    rec_paths = _write_run(out, args.csv, result, resolved_doc)
     print(format_summary(result.summary))
     sim_s = result.summary["duration_s"]
     print(f"\n  simulated {sim_s:,.1f} s in {wall:.2f} s wall"
           + (f" ({sim_s / wall:,.0f}x real time)" if wall > 0 else ""))
     timeline = (f", {out / 'timeline.json.gz'} (open in ui.perfetto.dev)"
                 if sc.simulation.timeline else "")
-    print(f"  wrote {rec_path}, {out / 'summary.json'}, {out / 'scenario.resolved.yaml'}"
-          + timeline)
+    files = [*rec_paths, out / "summary.json", out / "scenario.resolved.yaml"]
+    print(f"  wrote {', '.join(map(str, files))}" + timeline)
     return 0
 
 

@@ -13,6 +13,8 @@ import yaml
 
 from sim.metrics import RECORD_COLUMNS, Records
 
+STEPS_FILE = "steps.parquet"
+
 
 def _clean(x: Any) -> Any:
     if isinstance(x, dict):
@@ -64,31 +66,64 @@ def _column(values: np.ndarray | list[str]) -> Any:
     return pa.Array.from_buffers(pa_type, int(buf.size), [None, pa.py_buffer(buf)])
 
 
+def _list_column(offsets: np.ndarray, values: np.ndarray) -> Any:
+    """A list<int64|float64> column from a ragged array (offsets len n+1)."""
+    import pyarrow as pa
+
+    pa_type = pa.float64() if values.dtype.kind == "f" else pa.int64()
+    vals = np.ascontiguousarray(values, dtype=np.float64 if values.dtype.kind == "f"
+                                else np.int64)
+    child = pa.Array.from_buffers(pa_type, int(vals.size), [None, pa.py_buffer(vals)])
+    if offsets[-1] < 2**31:
+        offs = np.ascontiguousarray(offsets, dtype=np.int32)
+        return pa.ListArray.from_buffers(pa.list_(pa_type), int(offs.size - 1),
+                                         [None, pa.py_buffer(offs)], children=[child])
+    offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    return pa.LargeListArray.from_buffers(pa.large_list(pa_type), int(offs.size - 1),
+                                          [None, pa.py_buffer(offs)], children=[child])
+
+
 def records_table(records: Records) -> Any:
+    """One row per request. Simulated records carry their token times as steps
+    (``token_steps``: the step ranges [a, b) of the request's worker it produced a
+    token in, flat as a, b, a, b...; ``pre_token_times_s``: tokens timed on an earlier
+    worker), their times in ``steps_table``; other records carry ``token_times_s``."""
     import pyarrow as pa
 
     cols = {name: records.columns[name] for name in RECORD_COLUMNS}
     arrays = {k: _column(v) for k, v in cols.items()}
-    off = records.token_offsets
-    times = np.ascontiguousarray(records.token_times_s, dtype=np.float64)
-    values = pa.Array.from_buffers(pa.float64(), int(times.size), [None, pa.py_buffer(times)])
-    if off[-1] < 2**31:
-        offs = np.ascontiguousarray(off, dtype=np.int32)
-        arrays["token_times_s"] = pa.ListArray.from_buffers(
-            pa.list_(pa.float64()), int(offs.size - 1), [None, pa.py_buffer(offs)],
-            children=[values])
+    ts = records.token_steps
+    if ts is None:
+        arrays["token_times_s"] = _list_column(records.token_offsets, records.token_times_s)
     else:
-        offs = np.ascontiguousarray(off, dtype=np.int64)
-        arrays["token_times_s"] = pa.LargeListArray.from_buffers(
-            pa.large_list(pa.float64()), int(offs.size - 1), [None, pa.py_buffer(offs)],
-            children=[values])
+        arrays["token_steps"] = _list_column(ts.roff, ts.ranges)
+        arrays["pre_token_times_s"] = _list_column(ts.pre_off, ts.pre_times)
     arrays["reject_reason"] = _column([records.reject_reasons.get(int(i), "")
                                        for i in cols["request_id"]])
     return pa.Table.from_arrays(list(arrays.values()), names=list(arrays))
 
 
-def write_records(path: Path, records: Records) -> Path:
-    """Parquet with one row per request; ``.csv`` gets the flat columns only."""
+def steps_table(records: Records) -> Any:
+    """The end time of every forward pass: (worker_id, step, end_s), worker by worker;
+    a request's token in step k of worker w came at that row's end_s."""
+    import pyarrow as pa
+
+    ts = records.token_steps
+    assert ts is not None
+    ends = ts.step_ends
+    sizes = [int(e.size) for e in ends]
+    worker = np.repeat(np.arange(len(ends), dtype=np.int64), sizes)
+    step = (np.arange(int(worker.size), dtype=np.int64)
+            - np.repeat(np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64), sizes))
+    end = np.concatenate(ends) if ends else np.empty(0)
+    return pa.Table.from_arrays([_column(worker), _column(step), _column(end)],
+                                names=["worker_id", "step", "end_s"])
+
+
+def write_records(path: Path, records: Records) -> list[Path]:
+    """Parquet with one row per request, and for simulated records ``steps.parquet``
+    beside it with the step end times their tokens point to; ``.csv`` gets the flat
+    columns only. Returns the files written."""
     if path.suffix == ".csv":
         import pandas as pd
 
@@ -97,18 +132,68 @@ def write_records(path: Path, records: Records) -> Path:
         tmp = path.with_name(path.name + ".tmp")
         df.to_csv(tmp, index=False)
         os.replace(tmp, path)
-        return path
+        return [path]
     import pyarrow.parquet as pq
 
+    written = []
+    if records.token_steps is not None:
+        steps = path.with_name(STEPS_FILE)
+        tmp = steps.with_name(steps.name + ".tmp")
+        # byte-stream-split makes float columns compress at a fraction of plain zstd's
+        # time (zstd level 1: the same size here as the default level, 15 % faster)
+        pq.write_table(steps_table(records), tmp, compression="zstd", compression_level=1,
+                       use_dictionary=False, column_encoding={
+                           "worker_id": "DELTA_BINARY_PACKED", "step": "DELTA_BINARY_PACKED",
+                           "end_s": "BYTE_STREAM_SPLIT"})
+        os.replace(tmp, steps)
+        written.append(steps)
     tmp = path.with_name(path.name + ".tmp")
-    # token times: byte-stream-split makes float columns compress (20 MB, not 32 MB,
-    # for the Mooncake trace) at a fraction of plain zstd's time
-    # (zstd level 1: the same size here as the default level, 15 % faster)
+    floats = ("pre_token_times_s" if records.token_steps is not None else "token_times_s")
     pq.write_table(records_table(records), tmp, compression="zstd", compression_level=1,
                    use_dictionary=["status", "reject_reason"],
-                   column_encoding={"token_times_s": "BYTE_STREAM_SPLIT"})
+                   column_encoding={floats: "BYTE_STREAM_SPLIT"})
     os.replace(tmp, path)
-    return path
+    return [path, *written]
+
+
+def read_records(path: str | os.PathLike[str]) -> Records:
+    """A run's ``records.parquet`` (with its ``steps.parquet``) back as ``Records``,
+    token times included: ``read_records(run_dir / "records.parquet").token_times_s``."""
+    import pyarrow.parquet as pq
+
+    from sim.metrics import TokenSteps
+
+    path = Path(path)
+    t = pq.read_table(path)
+    names = set(t.column_names)
+    cols: dict[str, np.ndarray] = {}
+    for name in RECORD_COLUMNS:
+        arr = t.column(name).to_numpy()
+        cols[name] = arr.astype(object) if name == "status" else arr
+    reasons = {int(i): str(r) for i, r in zip(cols["request_id"],
+                                              t.column("reject_reason").to_pylist(),
+                                              strict=True) if r}
+
+    def ragged(name: str, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        col = t.column(name).combine_chunks()
+        off = np.asarray(col.offsets, dtype=np.int64)
+        vals: np.ndarray = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=dtype)
+        return off - off[0], vals[off[0]:off[-1]]
+
+    if "token_times_s" in names:
+        off, times = ragged("token_times_s", np.float64)
+        return Records(cols, off, times, reasons)
+    steps = pq.read_table(path.with_name(STEPS_FILE))
+    worker = steps.column("worker_id").to_numpy()
+    end = steps.column("end_s").to_numpy()
+    n_workers = int(max(worker.max(initial=-1), cols["worker_id"].max(initial=-1))) + 1
+    bounds = np.searchsorted(worker, np.arange(n_workers + 1))
+    ends = [end[bounds[w]:bounds[w + 1]] for w in range(n_workers)]
+    roff, ranges = ragged("token_steps", np.int64)
+    pre_off, pre = ragged("pre_token_times_s", np.float64)
+    ts = TokenSteps(ends, cols["worker_id"], roff, ranges, pre_off, pre)
+    return Records(cols, np.concatenate(([0], np.cumsum(ts.counts()))), None, reasons,
+                   None, ts)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -33,16 +33,83 @@ ITL_COUNT_RATIO = 8
 
 
 @dataclass
+class TokenSteps:
+    """Token times as the simulator knows them, without a per-token array: request
+    i's tokens are those at ``pre_times[pre_off[i]:pre_off[i+1]]`` (KV computed on an
+    earlier worker: disaggregated prefill), then one token per step of its worker in
+    each step range ``[a, b)`` listed at ``ranges[roff[i]:roff[i+1]]`` as a, b, a, b...,
+    the token's time being that step's end, ``step_ends[worker_id][k]``. A long trace
+    has tens of millions of tokens but a few hundred thousand steps per worker."""
+    step_ends: list[np.ndarray]  # per worker, float64, every step's end time
+    worker_id: np.ndarray  # int64, per request
+    roff: np.ndarray  # int64, len n+1
+    ranges: np.ndarray  # int64
+    pre_off: np.ndarray  # int64, len n+1
+    pre_times: np.ndarray  # float64
+
+    def counts(self) -> np.ndarray:
+        """Tokens per request."""
+        r = self.ranges
+        per_range = r[1::2] - r[0::2]
+        csum = np.concatenate(([0], np.cumsum(per_range)))
+        return csum[self.roff[1:] // 2] - csum[self.roff[:-1] // 2] + np.diff(self.pre_off)
+
+    def times(self) -> np.ndarray:
+        """All token times, request after request (what ``token_times_s`` holds)."""
+        pieces: list[np.ndarray] = []
+        r = self.ranges.tolist()
+        roff = self.roff.tolist()
+        poff = self.pre_off.tolist()
+        for i, w in enumerate(self.worker_id.tolist()):
+            if poff[i + 1] > poff[i]:
+                pieces.append(self.pre_times[poff[i]:poff[i + 1]])
+            if roff[i + 1] > roff[i]:
+                ends = self.step_ends[w]
+                for j in range(roff[i], roff[i + 1], 2):
+                    pieces.append(ends[r[j]:r[j + 1]])
+        return np.concatenate(pieces) if pieces else np.empty(0)
+
+
 class Records:
-    columns: dict[str, np.ndarray]
-    token_offsets: np.ndarray  # int64, len n+1
-    token_times_s: np.ndarray  # float64, request i's tokens at [offsets[i], offsets[i+1])
-    reject_reasons: dict[int, str]
-    # the simulator's records also carry the ITL gaps of the completed requests as
-    # (distinct gap values, how many times each occurs): the same multiset as the gaps
-    # of token_times_s, from the steps (a long trace has tens of millions of tokens but
-    # a few hundred thousand steps); None (measured records, subsets): from the times
-    itl_counts: tuple[np.ndarray, np.ndarray] | None = None
+    """One flat row per request (``columns``) and each request's token times as a
+    ragged array: request i's tokens at ``token_times_s[token_offsets[i]:
+    token_offsets[i+1]]``. The simulator's records keep their token times as steps
+    (``token_steps``) and build the per-token array only when it is read."""
+
+    __slots__ = (
+        "_times",
+        "columns",
+        "itl_counts",
+        "reject_reasons",
+        "token_offsets",
+        "token_steps",
+    )
+
+    def __init__(self, columns: dict[str, np.ndarray], token_offsets: np.ndarray,
+                 token_times_s: np.ndarray | None, reject_reasons: dict[int, str],
+                 itl_counts: tuple[np.ndarray, np.ndarray] | None = None,
+                 token_steps: TokenSteps | None = None) -> None:
+        if token_times_s is None and token_steps is None:
+            raise ValueError("Records need token_times_s or token_steps")
+        self.columns = columns
+        self.token_offsets = token_offsets  # int64, len n+1
+        self._times = token_times_s
+        self.reject_reasons = reject_reasons
+        # the simulator's records also carry the ITL gaps of the completed requests as
+        # (distinct gap values, how many times each occurs): the same multiset as the
+        # gaps of token_times_s, from the steps (a long trace has tens of millions of
+        # tokens but a few hundred thousand steps); None (measured records, subsets):
+        # from the times
+        self.itl_counts = itl_counts
+        self.token_steps = token_steps
+
+    @property
+    def token_times_s(self) -> np.ndarray:
+        """float64: request i's tokens at [offsets[i], offsets[i+1])."""
+        if self._times is None:
+            assert self.token_steps is not None
+            self._times = self.token_steps.times()
+        return self._times
 
     def __len__(self) -> int:
         return int(self.columns["request_id"].size)
@@ -66,39 +133,31 @@ def build_records(outcome: SimOutcome) -> Records:
     cols["status"] = np.array(["rejected" if r.reject_reason else "ok" for r in reqs],
                               dtype=object)
     ends = [e.steps.column("end_s") for e in outcome.engines]
-    offsets, times = _token_times(outcome, ends)
+    tokens = _token_steps(outcome, ends, cols["worker_id"])
+    offsets = np.concatenate(([0], np.cumsum(tokens.counts())))
     reasons = {r.rid: r.reject_reason for r in reqs if r.reject_reason}
     # counting gaps by step pays where batches are large (many tokens per step); with a
     # few requests per step a partition of the gaps themselves is quicker
     steps = sum(int(w.size) for w in ends)
-    counts = _itl_counts(outcome, ends) if steps * ITL_COUNT_RATIO < times.size else None
-    return Records(cols, offsets, times, reasons, counts)
+    counts = _itl_counts(outcome, ends) if steps * ITL_COUNT_RATIO < offsets[-1] else None
+    return Records(cols, offsets, None, reasons, counts, tokens)
 
 
-def _token_times(outcome: SimOutcome,
-                 ends: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Each request's token times: slices of its worker's step end times, one per
-    range of steps it produced tokens in, joined in request order (no index array
-    as long as the token count: a long trace has tens of millions of tokens)."""
-    pieces: list[np.ndarray] = []
-    per_req = np.zeros(len(outcome.requests), dtype=np.int64)
-    for i, r in enumerate(outcome.requests):
-        ts = r.token_steps
-        total = 0
+def _token_steps(outcome: SimOutcome, ends: list[np.ndarray],
+                 worker_id: np.ndarray) -> TokenSteps:
+    ranges: list[int] = []
+    roff = [0]
+    pre: list[float] = []
+    pre_off = [0]
+    for r in outcome.requests:
         if r.pre_token_times:  # tokens from an earlier worker (disaggregated prefill)
-            pieces.append(np.asarray(r.pre_token_times, dtype=np.float64))
-            total = len(r.pre_token_times)
-        if not ts:
-            per_req[i] = total
-            continue
-        w = ends[r.worker_id]
-        for j in range(0, len(ts), 2):
-            pieces.append(w[ts[j]:ts[j + 1]])
-            total += ts[j + 1] - ts[j]
-        per_req[i] = total
-    offsets = np.concatenate(([0], np.cumsum(per_req)))
-    times = np.concatenate(pieces) if pieces else np.empty(0)
-    return offsets, times
+            pre.extend(r.pre_token_times)
+        pre_off.append(len(pre))
+        ranges.extend(r.token_steps)
+        roff.append(len(ranges))
+    return TokenSteps(ends, worker_id, np.asarray(roff, dtype=np.int64),
+                      np.asarray(ranges, dtype=np.int64), np.asarray(pre_off, dtype=np.int64),
+                      np.asarray(pre, dtype=np.float64))
 
 
 def _itl_counts(outcome: SimOutcome,
@@ -208,12 +267,10 @@ def summarize(records: Records) -> dict[str, Any]:
     e2e = finish - arrival
     multi = out_tokens > 1
     tpot = (e2e[multi] - ttft[multi]) / (out_tokens[multi] - 1)
-    off = records.token_offsets
-    times = records.token_times_s
     # ITL: the gaps inside each completed request, request by request (never the gap
     # from one request's last token to the next one's first)
     itl = (_weighted_stats(*records.itl_counts) if records.itl_counts is not None
-           else _stats(_itl(off, times, ok)))
+           else _stats(_itl(records.token_offsets, records.token_times_s, ok)))
     n_all = len(records)
     duration = float(finish.max() - c["arrival_s"].min()) if ok.any() else 0.0
     rate = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))

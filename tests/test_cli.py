@@ -9,12 +9,14 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from hypothesis import assume, given
 
 from servetwin.cli import main
+from servetwin.output import read_records
 from sim.errors import ServetwinError
 from sim.scenario import load_scenario
 from sim.simulate import resolve
@@ -73,19 +75,25 @@ def test_small_run_end_to_end(tmp_path: Path) -> None:
     code, stdout, stderr = run_cli(str(scenario), "--out", str(out))
     assert code == 0, stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "records.parquet", "scenario.resolved.yaml", "summary.json"]
+        "records.parquet", "scenario.resolved.yaml", "steps.parquet", "summary.json"]
     assert stderr.startswith(
         "servetwin: head: 200 requests, 2 x meta-llama/Meta-Llama-3.1-8B on H100-SXM TP 1 "
         "(fast-forward)\n  KV cache: ")
     # the summary table
     for text in ("Requests", "  completed / total                 200 / 200", "latency (ms)",
-                 "  TTFT", "  E2E", f"wrote {out / 'records.parquet'}"):
+                 "  TTFT", "  E2E",
+                 f"wrote {out / 'records.parquet'}, {out / 'steps.parquet'}, "):
         assert text in stdout
     records = pq.read_table(out / "records.parquet").to_pydict()
     assert sorted(records["request_id"]) == list(range(200))  # one row per request
     assert sorted(set(records["worker_id"])) == [0, 1]
-    assert all(len(t) == n for t, n in zip(records["token_times_s"],
-                                           records["num_output_tokens"], strict=True))
+    # token times are written as step ranges into steps.parquet; read back, each
+    # request has one per output token, the first at first_token_s, the last at finish_s
+    back = read_records(out / "records.parquet")
+    off, times = back.token_offsets, back.token_times_s
+    assert np.diff(off).tolist() == records["num_output_tokens"]
+    assert times[off[:-1]].tolist() == records["first_token_s"]
+    assert times[off[1:] - 1].tolist() == records["finish_s"]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["num_requests"], summary["num_completed"]) == (200, 200)
     resolved = yaml.safe_load((out / "scenario.resolved.yaml").read_text())
@@ -110,7 +118,7 @@ def test_same_seed_same_bytes_other_seed_other_result(tmp_path: Path) -> None:
     a = simulate_to(tmp_path, synthetic_scenario(7), "a")
     b = simulate_to(tmp_path, synthetic_scenario(7), "b")
     c = simulate_to(tmp_path, synthetic_scenario(8), "c")
-    for name in ("records.parquet", "summary.json", "scenario.resolved.yaml"):
+    for name in ("records.parquet", "steps.parquet", "summary.json", "scenario.resolved.yaml"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     # the synthetic workload draws arrivals and lengths from the seed
     assert (a / "summary.json").read_bytes() != (c / "summary.json").read_bytes()
