@@ -769,10 +769,11 @@ class VllmEngine:
         k = 0
         while i < hi_ev:
             members = buckets[-(t0 + steps[i]) % bs]
-            for req in members:
-                req.blocks.append(ids[k])
-                k += 1
-            i += len(members)
+            m = len(members)
+            for req, b in zip(members, ids[k:k + m]):
+                req.blocks.append(b)
+            k += m
+            i += m
         assert i == hi_ev, "a run's block events and its cohort buckets disagree"
 
     def start_step(self, plan: StepPlan, j: int) -> None:
@@ -787,10 +788,18 @@ class VllmEngine:
             return done
         if len(done) > 1:
             done.sort(key=_by_seq)  # running order
-        gone = {r.rid for r in done}
-        self.running = [r for r in self.running if r.rid not in gone]
-        if self._explicit:
-            self._explicit = [r for r in self._explicit if r.rid not in gone]
+        if len(done) <= 4:
+            # a few: list.remove's scan (identity, in C) beats rebuilding a long list
+            running, explicit = self.running, self._explicit
+            for req in done:
+                running.remove(req)
+                if req in explicit:
+                    explicit.remove(req)
+        else:
+            gone = {r.rid for r in done}
+            self.running = [r for r in self.running if r.rid not in gone]
+            if self._explicit:
+                self._explicit = [r for r in self._explicit if r.rid not in gone]
         for req in done:
             if req.hold_kv:
                 # a prefill worker keeps the KV until the decode side has read it

@@ -18,6 +18,7 @@ from sim.errors import InputError
 from sim.metrics import summarize
 from sim.workload import synthesize
 from tests.verify.test_twin_server import metrics
+from verify import loadgen
 from verify.loadgen import (
     PlannedRequest,
     Replay,
@@ -67,13 +68,21 @@ def expected_hits(rows: list[dict], prompts: dict[int, list[int]], block: int = 
     return total
 
 
-def test_replay_of_a_trace_matches_the_servers_own_counters(twin, tmp_path):
+@pytest.mark.parametrize("prebuild", [True, False], ids=["bodies-prebuilt", "bodies-staged"])
+def test_replay_of_a_trace_matches_the_servers_own_counters(twin, tmp_path, monkeypatch,
+                                                            prebuild):
+    # bodies built before the replay (a small plan) or each while it is staged (a plan
+    # over the size limit): the same prompts reach the server either way
+    if not prebuild:
+        monkeypatch.setattr(loadgen, "PREBUILD_MAX_TOKENS", 0)
     trace = synthesize({"rate_per_s": 100, "num_requests": 60,
                         "input_tokens": {"kind": "uniform", "min_tokens": 5, "max_tokens": 120},
                         "output_tokens": {"kind": "uniform", "min_tokens": 1, "max_tokens": 12},
                         "prefix": {"num_groups": 3, "prefix_tokens": 64},
                         "hash_block_tokens": 16}, np.random.default_rng(4))
-    builder = PromptBuilder(seed=101, block_tokens=16)
+    # each case its own seed: other token ids, so nothing of one is cached for the other
+    seed = 101 if prebuild else 202
+    builder = PromptBuilder(seed=seed, block_tokens=16)
     plan = plan_from_trace(trace, builder)
     before = metrics(twin.url)
     summary = run_replay(plan, [twin.url], "twin", tmp_path, stall_timeout_s=10,
@@ -102,7 +111,7 @@ def test_replay_of_a_trace_matches_the_servers_own_counters(twin, tmp_path):
     assert delta("vllm:prefix_cache_hits_total") == hits
     assert sum(r["num_cached_tokens"] for r in rows) == hits
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["seed"] == 101 and meta["endpoints"] == [twin.url] and meta["t0_iso"]
+    assert meta["seed"] == seed and meta["endpoints"] == [twin.url] and meta["t0_iso"]
     assert meta["body_fields"]["ignore_eos"] is True
     s = summarize(to_sim_records(rows))
     assert s["num_completed"] == 60 and s["ttft_s"]["p50"] > 0
