@@ -10,7 +10,9 @@ Each config replays all 12,031 requests (59 min of traffic) of
 round robin). Its own space, chosen so that every config simulates (none exceeds the
 8-GPU budget or runs out of KV cache): 2 or 4 workers x TP 1 or 2 x max_num_batched_tokens
 2,048 .. 16,384 x max_num_seqs 64 .. 512 at gpu_memory_utilization 0.92, 64 configs, of
-which ``-n`` evenly spaced ones are swept (so a small N still mixes light and heavy loads).
+which ``-n`` drawn at random (seed 0, the same every run) are swept, so a small N still
+mixes light and heavy loads on every axis (evenly spaced grid indices would have kept the
+fastest-varying axis at one value: 16 of 64 picked max_num_seqs 64 only).
 
 The sweep runs twice through ``sim.screen.runner.run_points``, the path `servetwin screen`
 takes: ``--executor local`` (a process pool, ``--workers``, default one per core) and
@@ -35,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,7 +78,8 @@ def main() -> int:
     grid = spec.grid()
     if not 1 <= args.num_configs <= len(grid):
         ap.error(f"--num-configs {args.num_configs}: must be 1..{len(grid)}")
-    points = [grid[i * len(grid) // args.num_configs] for i in range(args.num_configs)]
+    pick = np.random.default_rng(0).choice(len(grid), args.num_configs, replace=False)
+    points = [grid[int(i)] for i in sorted(pick)]
     print(f"screen_throughput: {len(points)} configs of {len(grid)} over {', '.join(SPACE)}; "
           f"full trace per config; results in {out}", flush=True)
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from sim.errors import InputError
 from sim.metrics import RECORD_COLUMNS, Records
 
 STEPS_FILE = "steps.parquet"
@@ -156,16 +157,34 @@ def write_records(path: Path, records: Records) -> list[Path]:
     return [path, *written]
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def read_records(path: str | os.PathLike[str]) -> Records:
     """A run's ``records.parquet`` (with its ``steps.parquet``) back as ``Records``,
     token times included: ``read_records(run_dir / "records.parquet").token_times_s``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from sim.metrics import TokenSteps
 
     path = Path(path)
-    t = pq.read_table(path)
+    if path.is_dir():
+        path = path / "records.parquet"
+    try:
+        t = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(str(path), f"cannot read the records ({_one_line(e)})",
+                         "give a run's records.parquet or its folder") from None
     names = set(t.column_names)
+    need = [*RECORD_COLUMNS, "reject_reason"]
+    need += ["token_times_s"] if "token_times_s" in names else ["token_steps",
+                                                                "pre_token_times_s"]
+    missing = [c for c in need if c not in names]
+    if missing:
+        raise InputError(str(path), f"no column {', '.join(missing)}",
+                         "give a records.parquet that `servetwin simulate` wrote")
     cols: dict[str, np.ndarray] = {}
     for name in RECORD_COLUMNS:
         arr = t.column(name).to_numpy()
@@ -183,7 +202,14 @@ def read_records(path: str | os.PathLike[str]) -> Records:
     if "token_times_s" in names:
         off, times = ragged("token_times_s", np.float64)
         return Records(cols, off, times, reasons)
-    steps = pq.read_table(path.with_name(STEPS_FILE))
+    steps_path = path.with_name(STEPS_FILE)
+    try:
+        steps = pq.read_table(steps_path, columns=["worker_id", "end_s"])
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(str(steps_path), "cannot read the step times the records' "
+                         f"token_steps point to ({_one_line(e)})",
+                         "keep steps.parquet beside records.parquet, as the run wrote "
+                         "them") from None
     worker = steps.column("worker_id").to_numpy()
     end = steps.column("end_s").to_numpy()
     n_workers = int(max(worker.max(initial=-1), cols["worker_id"].max(initial=-1))) + 1

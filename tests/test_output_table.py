@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from servetwin.output import read_records, records_table, write_records
+from sim.errors import InputError
 from sim.metrics import RECORD_COLUMNS, Records
 from tests.sim.factories import make_trace
 from tests.sim.test_disagg import run_pd
@@ -87,3 +88,20 @@ def test_token_steps_round_trip_with_disaggregated_prefill(tmp_path: Path, ff: b
             np.testing.assert_array_equal(a, b)
         else:
             assert a.tolist() == b.tolist(), name
+
+
+def test_read_records_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
+    trace = make_trace([0.0, 1.0], [8, 8], [3, 3])
+    _, _, rec = run_pd(trace)
+    write_records(tmp_path / "records.parquet", rec)
+    assert read_records(tmp_path).token_times_s.size == 6  # a run folder is accepted too
+    (tmp_path / "steps.parquet").unlink()
+    with pytest.raises(InputError, match=r"steps\.parquet: cannot read the step times .*Fix: "
+                                         r"keep steps\.parquet beside records\.parquet"):
+        read_records(tmp_path / "records.parquet")
+    (tmp_path / "records.parquet").write_text("not parquet")
+    with pytest.raises(InputError, match=r"records\.parquet: cannot read the records .*Fix: give"):
+        read_records(tmp_path / "records.parquet")
+    pq.write_table(pa.table({"request_id": [1]}), tmp_path / "records.parquet")
+    with pytest.raises(InputError, match=r"no column arrival_s, .*Fix: give a records\.parquet"):
+        read_records(tmp_path / "records.parquet")

@@ -770,7 +770,7 @@ class VllmEngine:
         while i < hi_ev:
             members = buckets[-(t0 + steps[i]) % bs]
             m = len(members)
-            for req, b in zip(members, ids[k:k + m]):
+            for req, b in zip(members, ids[k:k + m], strict=True):
                 req.blocks.append(b)
             k += m
             i += m
