@@ -28,8 +28,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+# _pop_lru walks a chunk entry by entry when it has at most this many entries left, or
+# when at most this many keys are wanted
+_SCALAR_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,9 @@ class OffloadTiers:
         self.level = np.full(num_keys, -1, dtype=np.int8)
         self.stamp = np.zeros(num_keys, dtype=np.int64)
         self._next_stamp = 1
-        self._queues: list[deque[tuple[np.ndarray, np.ndarray]]] = [deque() for _ in tiers]
+        # per tier, its LRU queue: (keys, stamps) arrays, or (key, stamp) ints for one key
+        self._queues: list[deque[tuple[Any, Any]]] = [deque() for _ in tiers]
+        self._heads = [0] * len(tiers)  # entries of each queue's head chunk already used
         self.held = [0] * len(tiers)
         self.num_stored = [0] * len(tiers)
         self.num_dropped = 0
@@ -67,6 +74,11 @@ class OffloadTiers:
     # ------------------------------------------------------------- storing
     def store(self, keys: np.ndarray | list[int]) -> None:
         """Blocks the GPU pool evicted, in eviction order, go to the first tier."""
+        if len(keys) == 1:
+            # the usual call: one block evicted by a decode step's allocation; plain
+            # Python, since numpy's per-call cost dwarfs one key's work
+            self._put_one(int(keys[0]))
+            return
         keys = np.asarray(keys, dtype=np.int64)
         if keys.size > 1:
             # two blocks may carry one key (a prefix computed twice): one copy goes down,
@@ -100,20 +112,120 @@ class OffloadTiers:
                 self.num_dropped += int(keys.size)
                 return
 
-    def _pop_lru(self, lv: int, n: int) -> np.ndarray:
-        """The ``n`` least recently used live keys of tier ``lv`` (left in place)."""
+    def _put_one(self, key: int) -> None:
+        """``_put(0, [key])`` key by key: the same stamps and pushes down; its queue
+        entry is a pair of ints, not of arrays."""
+        level, stamp, held = self.level, self.stamp, self.held
+        lv = 0
+        while True:
+            p = int(level[key])
+            if p >= 0:
+                held[p] -= 1  # moved or refreshed
+            s = self._next_stamp
+            self._next_stamp = s + 1
+            level[key] = lv
+            stamp[key] = s
+            self._queues[lv].append((key, s))
+            held[lv] += 1
+            self.num_stored[lv] += 1
+            over = held[lv] - self.specs[lv].capacity_blocks
+            if over <= 0:
+                return
+            if over > 1:  # a tier over by more than one block: the general path
+                out = self._pop_lru(lv, over)
+                level[out] = -1
+                held[lv] -= int(out.size)
+                if lv + 1 == len(self.specs):
+                    self.num_dropped += int(out.size)
+                else:
+                    self._put(lv + 1, out)
+                return
+            key = self._pop_one(lv)
+            level[key] = -1
+            held[lv] -= 1
+            lv += 1
+            if lv == len(self.specs):
+                self.num_dropped += 1
+                return
+
+    def _pop_one(self, lv: int) -> int:
+        """``_pop_lru(lv, 1)`` as an int."""
         q = self._queues[lv]
-        parts = []
+        level, stamp = self.level, self.stamp
+        while True:
+            ids, st = q[0]
+            if type(ids) is int:
+                q.popleft()
+                if level[ids] == lv and stamp[ids] == st:
+                    return ids
+                continue
+            h = self._heads[lv]
+            size = ids.size
+            while h < size:
+                k = int(ids[h])
+                live = level[k] == lv and stamp[k] == st[h]
+                h += 1
+                if live:
+                    if h >= size:
+                        q.popleft()
+                        h = 0
+                    self._heads[lv] = h
+                    return k
+            q.popleft()
+            self._heads[lv] = 0
+
+    def _pop_lru(self, lv: int, n: int) -> np.ndarray:
+        """The ``n`` least recently used live keys of tier ``lv`` (left in place). The
+        queue's head chunk is read from ``_heads[lv]`` on: entries before it are used.
+        A one-key entry is a pair of ints (``_put_one``), any other a pair of arrays."""
+        q = self._queues[lv]
+        h = self._heads[lv]
+        level, stamp = self.level, self.stamp
+        parts: list[np.ndarray] = []
+        few: list[int] = []
         while n:
-            ids, st = q.popleft()
-            live = (self.level[ids] == lv) & (self.stamp[ids] == st)
-            idx = np.flatnonzero(live)
-            if idx.size > n:
-                cut = int(idx[n - 1]) + 1
-                q.appendleft((ids[cut:], st[cut:]))
-                idx = idx[:n]
-            parts.append(ids[idx])
-            n -= int(idx.size)
+            ids, st = q[0]
+            if type(ids) is int:
+                q.popleft()
+                if level[ids] == lv and stamp[ids] == st:
+                    few.append(ids)
+                    n -= 1
+                continue
+            size = ids.size
+            if size - h <= _SCALAR_CHUNK or n <= _SCALAR_CHUNK:
+                # entry by entry: a short chunk, or few keys wanted from a long one (a
+                # vector test of the whole chunk would cost its length every time)
+                while h < size:
+                    k = int(ids[h])
+                    live = level[k] == lv and stamp[k] == st[h]
+                    h += 1
+                    if live:
+                        few.append(k)
+                        n -= 1
+                        if not n:
+                            break
+            else:
+                ids_v = ids[h:]
+                live_v = (level[ids_v] == lv) & (stamp[ids_v] == st[h:])
+                idx = np.flatnonzero(live_v)
+                if idx.size > n:
+                    idx = idx[:n]
+                    h += int(idx[-1]) + 1
+                else:
+                    h = size
+                if few:
+                    parts.append(np.array(few, dtype=np.int64))
+                    few = []
+                parts.append(ids_v[idx])
+                n -= int(idx.size)
+            if h >= size:
+                q.popleft()
+                h = 0
+        self._heads[lv] = h
+        if few:
+            parts.append(np.array(few, dtype=np.int64))
+        if len(parts) == 1:
+            return parts[0]
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     # ------------------------------------------------------------- loading
