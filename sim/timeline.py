@@ -214,7 +214,11 @@ class Timeline:
                                r.finish_s, {"request_id": r.rid, "num_output_tokens":
                                             r.num_output})
 
-    def _step_events(self, src: _Steps) -> Iterator[Event]:
+    def _step_events(self, src: _Steps) -> Iterator[str]:
+        """A worker's forward passes ("X", identical decode steps merged when it has
+        more than ``max_steps_per_worker``) and a KV counter ("C") where it changes, as
+        JSON text: hundreds of thousands of fixed-shape events, rendered here the way
+        the encoder would (key order, float repr) at a fraction of its cost."""
         log = src.steps
         n = log.num_steps
         if n == 0:
@@ -232,29 +236,33 @@ class Timeline:
         else:
             firsts = np.arange(n)
         lasts = np.append(firsts[1:] - 1, n - 1)
+        ts_a = start[firsts] * US  # float64 products: the bits float(x) * US gives
+        dur_a = end[lasts] * US - ts_a
+        if not (np.isfinite(ts_a).all() and np.isfinite(dur_a).all()):
+            raise ValueError("a step with a non-finite time")  # allow_nan=False's check
         pid = worker_pid(src.worker_id)
+        head = f'"ph":"X","pid":{pid},"tid":{STEPS_TID},"ts":'
+        kv_head = f'{{"name":"kv","ph":"C","pid":{pid},"tid":{KV_TID},"ts":'
         prev_counter: tuple[int, int, int] | None = None
-        for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True):
-            np_, nd = int(p[a]), int(d[a])
+        for a, b, ts, dur, np_, nd, r_a, w_a, k_a, k_b in zip(
+                firsts.tolist(), lasts.tolist(), ts_a.tolist(), dur_a.tolist(),
+                p[firsts].tolist(), d[firsts].tolist(), run[firsts].tolist(),
+                wait[firsts].tolist(), kv[firsts].tolist(), kv[lasts].tolist(), strict=True):
             name = "prefill+decode" if np_ and nd else ("prefill" if np_ else "decode")
-            args: dict[str, Any] = {"step": a, "num_prefill_tokens": np_, "num_decode_seqs": nd,
-                                    "num_running": int(run[a]), "num_waiting": int(wait[a]),
-                                    "kv_used_blocks": int(kv[a])}
-            if b > a:
-                args |= {"steps": b - a + 1, "merged": "identical decode steps",
-                         "kv_used_blocks_last": int(kv[b])}
-            ts = float(start[a]) * US
-            yield {"name": name, "ph": "X", "pid": pid, "tid": STEPS_TID, "ts": ts,
-                   "dur": float(end[b]) * US - ts, "args": args}
-            counter = (int(kv[a]), int(run[a]), int(wait[a]))
+            merged = (f',"steps":{b - a + 1},"merged":"identical decode steps",'
+                      f'"kv_used_blocks_last":{k_b}' if b > a else "")
+            yield (f'{{"name":"{name}",{head}{ts!r},"dur":{dur!r},"args":{{"step":{a},'
+                   f'"num_prefill_tokens":{np_},"num_decode_seqs":{nd},"num_running":{r_a},'
+                   f'"num_waiting":{w_a},"kv_used_blocks":{k_a}{merged}}}}}')
+            counter = (k_a, r_a, w_a)
             if counter != prev_counter:
                 prev_counter = counter
-                yield {"name": "kv", "ph": "C", "pid": pid, "tid": KV_TID, "ts": ts,
-                       "args": {"kv_used_blocks": counter[0], "num_running": counter[1],
-                                "num_waiting": counter[2]}}
+                yield (f'{kv_head}{ts!r},"args":{{"kv_used_blocks":{k_a},'
+                       f'"num_running":{r_a},"num_waiting":{w_a}}}}}')
 
-    def events(self) -> Iterator[Event]:
-        """Every event, metadata first; steps are generated lazily, worker by worker."""
+    def events(self) -> Iterator[Event | str]:
+        """Every event, metadata first; steps are generated lazily, worker by worker,
+        already as JSON text (``str``); the others as dicts."""
         yield from self._metadata()
         yield from self._events
         yield from self._request_events()
@@ -265,13 +273,21 @@ class Timeline:
     def write(self, path: str | Path) -> int:
         """Write the trace JSON (gzip if the name ends in .gz); returns the event count."""
         p = Path(path)
-        opener = gzip.open if p.suffix == ".gz" else open
-        with opener(p, "wt", encoding="utf-8") as f:
+        if p.suffix == ".gz":
+            # level 3: a 45 MB trace in 0.3 s and 6.1 MB; gzip's default 9 took 2.1 s for
+            # 5.0 MB (half of a planner scenario's whole run)
+            with gzip.open(p, "wt", encoding="utf-8", compresslevel=3) as f:
+                return _write_stream(f, self.events())
+        with open(p, "w", encoding="utf-8") as f:
             return _write_stream(f, self.events())
 
 
-def _write_stream(f: IO[str], events: Iterator[Event]) -> int:
-    dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+def _write_stream(f: IO[str], events: Iterator[Event | str]) -> int:
+    enc = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+    def dumps(ev: Event | str) -> str:
+        return ev if isinstance(ev, str) else enc(ev)
+
     f.write('{"displayTimeUnit":"ms","traceEvents":[\n')
     count = 0
     chunk: list[str] = []
