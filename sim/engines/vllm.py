@@ -761,20 +761,24 @@ class VllmEngine:
             # writes to the offload tiers then happens in the same order and grouping
             ids = [pool.allocate(1)[0] for _ in range(hi_ev - lo_ev)]
         # a step's blocks go to the members of its bucket, in running order (the
-        # cohort cannot change during a run)
+        # cohort cannot change during a run); every member takes one block each
+        # block_size steps, so from the first event on the recipients repeat with a
+        # period of one block_size of steps: built once, repeated as a list
         buckets = self._buckets
         bs = self.config.block_size
         t0 = plan.tick0
-        i = lo_ev
-        k = 0
-        while i < hi_ev:
-            members = buckets[-(t0 + steps[i]) % bs]
-            m = len(members)
-            for req, b in zip(members, ids[k:k + m], strict=True):
-                req.blocks.append(b)
-            k += m
-            i += m
-        assert i == hi_ev, "a run's block events and its cohort buckets disagree"
+        first = steps[lo_ev]
+        period: list[Request] = []
+        for j in range(first, first + bs):
+            period.extend(buckets[-(t0 + j) % bs])
+        assert period and buckets[-(t0 + first) % bs], "a run's block events and buckets disagree"
+        n = hi_ev - lo_ev
+        reps = -(-n // len(period))
+        recipients = period * reps if reps > 1 else period
+        assert recipients[n - 1] in buckets[-(t0 + steps[hi_ev - 1]) % bs], \
+            "a run's block events and its cohort buckets disagree"
+        for req, b in zip(recipients, ids, strict=False):  # ids: the first n
+            req.blocks.append(b)
 
     def start_step(self, plan: StepPlan, j: int) -> None:
         """Run step ``j`` has started (its predecessors are committed): take its blocks
