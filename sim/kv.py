@@ -158,6 +158,11 @@ class BlockPool:
     def _allocate_many(self, n: int) -> list[int]:
         if n == 0:
             return []
+        out: list[int] = self.allocate_array(n).tolist()
+        return out
+
+    def allocate_array(self, n: int) -> np.ndarray:
+        """``allocate`` by numpy, the block ids as an int64 array (``n`` >= 1)."""
         ids = self._pop_free(n)
         self.ref[ids] = 1
         key = self.blk_key
@@ -175,8 +180,7 @@ class BlockPool:
                 if self._plog is not None and gone.size:
                     self._plog.push(self.clock, gone, self._pbit, False)
         key[ids] = NO_KEY
-        out: list[int] = ids.tolist()
-        return out
+        return ids
 
     def _pop_free_checked(self, n: int) -> list[int]:
         """The numpy path of ``allocate`` whatever ``n`` (for tests)."""

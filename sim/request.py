@@ -22,7 +22,9 @@ from .kv import PrefixLayout
 
 class Request:
     __slots__ = (
+        "arrays_len",
         "arrival_s",
+        "block_arrays",
         "blocks",
         "cj",
         "dtick",
@@ -67,6 +69,11 @@ class Request:
         self.num_output = 0
         self.num_tokens = prompt_tokens  # prompt + generated so far
         self.blocks: list[int] = []
+        # the same ids as int64 arrays for a prefix of ``blocks`` (the prompt's hit and
+        # allocated chunks, as they came): freeing hundreds of blocks converts only the
+        # few appended one by one since (a list's conversion costs ~20 us per 750)
+        self.block_arrays: list[np.ndarray] = []
+        self.arrays_len = 0
         # blocks held before the last preemption and their allocation stamps:
         # a recompute can find its own uncached blocks again if not reallocated
         self.prev_blocks: np.ndarray | None = None

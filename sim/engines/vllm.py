@@ -80,6 +80,19 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _take_blocks(req: Request) -> np.ndarray:
+    """The request's block ids as one int64 array, in order; its blocks are emptied."""
+    blocks, parts, n = req.blocks, req.block_arrays, req.arrays_len
+    if n < len(blocks):
+        parts.append(np.asarray(blocks[n:], dtype=np.int64))
+    out = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
+           else np.empty(0, dtype=np.int64))
+    req.blocks = []
+    req.block_arrays = []
+    req.arrays_len = 0
+    return out
+
+
 def _by_seq(req: Request) -> int:
     return req.seq
 
@@ -132,7 +145,7 @@ class VllmEngine:
         self._fragile_refusal = False
         self.preemption_log: list[tuple[float, int]] = []  # (time, request id), for timelines
         self._rejected: list[Request] = []
-        self._held: dict[int, list[int]] = {}  # rid -> blocks kept for a KV handoff
+        self._held: dict[int, np.ndarray] = {}  # rid -> blocks kept for a KV handoff
         self._watermark_blocks = int(config.watermark * self.pool.num_usable)
         # the decode cohort (module docstring)
         self.tick = 0
@@ -429,6 +442,8 @@ class VllmEngine:
             self.waiting.popleft()
             pool.touch(hit)
             req.blocks = hit.tolist()
+            req.block_arrays = [hit]
+            req.arrays_len = int(hit.size)
             req.num_computed = computed
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = computed
@@ -516,8 +531,17 @@ class VllmEngine:
         """Allocate ``need`` blocks for ``n`` new tokens and cache prompt blocks they fill."""
         pool = self.pool
         bs = self.config.block_size
-        if need > 0:
-            req.blocks.extend(pool.allocate(need))
+        blocks = req.blocks
+        first_new = len(blocks)
+        new = None
+        if need > 12:  # a prompt chunk: kept as an array too (cache below, free later)
+            new = pool.allocate_array(need)
+            blocks.extend(new.tolist())
+            if req.arrays_len == first_new:
+                req.block_arrays.append(new)
+                req.arrays_len += need
+        elif need > 0:
+            blocks.extend(pool.allocate(need))
         if req.num_computed < req.hashed_end:
             layout = self._layout(req)
             lo = min(req.num_computed // bs, layout.num_hashed)
@@ -525,7 +549,10 @@ class VllmEngine:
             if hi > lo:
                 # vLLM caches blocks at allocation, before the step computes them;
                 # a request admitted later in the same step may hit them
-                ids = np.asarray(req.blocks[lo:hi], dtype=np.int64)
+                if new is not None and lo >= first_new:
+                    ids = new[lo - first_new:hi - first_new]
+                else:
+                    ids = np.asarray(blocks[lo:hi], dtype=np.int64)
                 pool.cache(ids, layout.keys[lo:hi])
 
     def _preempt(self, req: Request) -> None:
@@ -534,14 +561,13 @@ class VllmEngine:
         else:
             self._explicit.remove(req)
         bs = self.config.block_size
-        blocks = np.asarray(req.blocks, dtype=np.int64)
+        blocks = _take_blocks(req)
         self.pool.free(blocks)
         # remember the full blocks and their free-queue stamps: while a stamp is
         # unchanged the block was not reallocated, so its content is still there
         full = blocks[: req.num_computed // bs]
         req.prev_blocks = full
         req.prev_stamps = self.pool.free_stamp[full].copy()
-        req.blocks = []
         req.num_computed = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -810,17 +836,16 @@ class VllmEngine:
                 # (vLLM's NixlConnector frees after the transfer: request_finished
                 # returns delay_free_blocks; vllm-project/vllm:
                 # vllm/distributed/kv_transfer/kv_connector/v1/nixl_connector.py @ v0.33.0)
-                self._held[req.rid] = req.blocks
+                self._held[req.rid] = _take_blocks(req)
             else:
                 req.finish_s = end
-                self.pool.free(np.asarray(req.blocks, dtype=np.int64))
-            req.blocks = []
+                self.pool.free(_take_blocks(req))
         return done
 
     def release(self, req: Request) -> None:
         """Free the blocks a finished prefill held for its KV handoff."""
-        self.pool.free(np.asarray(self._held.pop(req.rid), dtype=np.int64))
+        self.pool.free(self._held.pop(req.rid))
 
     @property
     def num_held_blocks(self) -> int:
-        return sum(len(b) for b in self._held.values())
+        return sum(int(b.size) for b in self._held.values())
