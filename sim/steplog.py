@@ -35,7 +35,7 @@ class StepLog:
         self._segment(1, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
     def extend(self, start_s: float, end_s: np.ndarray, kv_used_blocks: int,
-               block_steps: list[int], num_running: int, num_waiting: int,
+               block_steps: list[int] | np.ndarray, num_running: int, num_waiting: int,
                num_prefill_tokens: int, num_decode_seqs: int) -> None:
         """A run of steps; ``kv_used_blocks`` in its first step, one more block
         in use from each step listed in ``block_steps`` (offsets >= 1, sorted)."""
@@ -46,7 +46,10 @@ class StepLog:
         self._ends.append(end_s)
         self._seg_used.append(kv_used_blocks)
         first = self.num_steps
-        self._block_steps.extend(first + j for j in block_steps)
+        if isinstance(block_steps, np.ndarray):  # a long run's many events (SGLang)
+            self._block_steps.extend((block_steps + first).tolist())
+        else:
+            self._block_steps.extend(first + j for j in block_steps)
         self._segment(n, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
     def _segment(self, n: int, start_s: float, *vals: int) -> None:

@@ -647,7 +647,8 @@ class SglangEngine:
         cum = plan.cum_need
         start = plan.start_s if lo == 0 else float(plan.ends[lo - 1])
         # one slot more in use from step j for each of the cum[j] - cum[j - 1] it took
-        extra = [j - lo for j in range(lo + 1, hi) for _ in range(int(cum[j] - cum[j - 1]))]
+        extra = np.repeat(np.arange(1, m, dtype=np.int64),
+                          np.diff(cum[lo:hi]).astype(np.int64, copy=False))
         self.steps.extend(start, plan.ends[lo:hi], plan.used + int(cum[lo]), extra, len(reqs),
                           plan.waiting_len, 0, len(reqs))
         first = plan.first_step + lo
