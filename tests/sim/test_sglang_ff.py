@@ -44,6 +44,8 @@ def assert_same(step, ff) -> None:
         assert es.pool.num_private_tokens == ef.pool.num_private_tokens == 0
         assert es.pool.num_tree_tokens == ef.pool.num_tree_tokens
         assert es.pool._clock == ef.pool._clock  # same number of matches
+        for e in (es, ef):  # the leaves eviction keeps track of are the tree's leaves
+            assert e.pool._leaf_set == set(e.pool._leaves())
 
 
 def check_invariants(trace, outcome, records) -> None:
