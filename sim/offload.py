@@ -179,49 +179,32 @@ class OffloadTiers:
         queue's head chunk is read from ``_heads[lv]`` on: entries before it are used.
         A one-key entry is a pair of ints (``_put_one``), any other a pair of arrays."""
         q = self._queues[lv]
-        h = self._heads[lv]
         level, stamp = self.level, self.stamp
         parts: list[np.ndarray] = []
         few: list[int] = []
         while n:
             ids, st = q[0]
-            if type(ids) is int:
-                q.popleft()
-                if level[ids] == lv and stamp[ids] == st:
-                    few.append(ids)
-                    n -= 1
+            h = self._heads[lv]
+            if type(ids) is int or ids.size - h <= _SCALAR_CHUNK or n <= _SCALAR_CHUNK:
+                # key by key: a one-key entry, a short chunk, or few keys wanted from a
+                # long one (a vector test of the whole chunk would cost its length)
+                few.append(self._pop_one(lv))
+                n -= 1
                 continue
-            size = ids.size
-            if size - h <= _SCALAR_CHUNK or n <= _SCALAR_CHUNK:
-                # entry by entry: a short chunk, or few keys wanted from a long one (a
-                # vector test of the whole chunk would cost its length every time)
-                while h < size:
-                    k = int(ids[h])
-                    live = level[k] == lv and stamp[k] == st[h]
-                    h += 1
-                    if live:
-                        few.append(k)
-                        n -= 1
-                        if not n:
-                            break
+            ids_v = ids[h:]
+            live_v = (level[ids_v] == lv) & (stamp[ids_v] == st[h:])
+            idx = np.flatnonzero(live_v)
+            if idx.size > n:
+                idx = idx[:n]
+                self._heads[lv] = h + int(idx[-1]) + 1
             else:
-                ids_v = ids[h:]
-                live_v = (level[ids_v] == lv) & (stamp[ids_v] == st[h:])
-                idx = np.flatnonzero(live_v)
-                if idx.size > n:
-                    idx = idx[:n]
-                    h += int(idx[-1]) + 1
-                else:
-                    h = size
-                if few:
-                    parts.append(np.array(few, dtype=np.int64))
-                    few = []
-                parts.append(ids_v[idx])
-                n -= int(idx.size)
-            if h >= size:
                 q.popleft()
-                h = 0
-        self._heads[lv] = h
+                self._heads[lv] = 0
+            if few:
+                parts.append(np.array(few, dtype=np.int64))
+                few = []
+            parts.append(ids_v[idx])
+            n -= int(idx.size)
         if few:
             parts.append(np.array(few, dtype=np.int64))
         if len(parts) == 1:
