@@ -57,6 +57,11 @@ if TYPE_CHECKING:
 NO_KEY = -1
 
 
+# up to this many blocks an allocation walks the free queue in plain Python (numpy's
+# per-call cost dwarfs the work); more go through numpy (``allocate_array``)
+FEW_BLOCKS = 12
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, hash_block_tokens: int,
                  num_hash_ids: int = 0, enable_caching: bool = True) -> None:
@@ -151,7 +156,7 @@ class BlockPool:
     # ------------------------------------------------------------- allocation
     def allocate(self, n: int) -> list[int]:
         """Pop ``n`` blocks for a request; evicts any prefix keys they held."""
-        if n <= 12:
+        if n <= FEW_BLOCKS:
             return self._allocate_few(n)
         return self._allocate_many(n)
 

@@ -50,7 +50,7 @@ from heapq import heappop, heappush
 
 import numpy as np
 
-from ..kv import BlockPool, PrefixLayout
+from ..kv import FEW_BLOCKS, BlockPool, PrefixLayout
 from ..request import Request
 from ..steplog import StepLog
 from ..timing import TimingModel
@@ -534,7 +534,7 @@ class VllmEngine:
         blocks = req.blocks
         first_new = len(blocks)
         new = None
-        if need > 12:  # a prompt chunk: kept as an array too (cache below, free later)
+        if need > FEW_BLOCKS:  # a prompt chunk: kept as an array too (cache, free later)
             new = pool.allocate_array(need)
             blocks.extend(new.tolist())
             if req.arrays_len == first_new:
@@ -818,18 +818,10 @@ class VllmEngine:
             return done
         if len(done) > 1:
             done.sort(key=_by_seq)  # running order
-        if len(done) <= 4:
-            # a few: list.remove's scan (identity, in C) beats rebuilding a long list
-            running, explicit = self.running, self._explicit
-            for req in done:
-                running.remove(req)
-                if req in explicit:
-                    explicit.remove(req)
-        else:
-            gone = {r.rid for r in done}
-            self.running = [r for r in self.running if r.rid not in gone]
-            if self._explicit:
-                self._explicit = [r for r in self._explicit if r.rid not in gone]
+        gone = {r.rid for r in done}
+        self.running = [r for r in self.running if r.rid not in gone]
+        if self._explicit:
+            self._explicit = [r for r in self._explicit if r.rid not in gone]
         for req in done:
             if req.hold_kv:
                 # a prefill worker keeps the KV until the decode side has read it
