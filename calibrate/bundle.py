@@ -15,6 +15,11 @@ scale with tokens; seen: gemm_compute_eff pinned at 1.0 with comm_eff 0.25), so:
 
 Where TP 1 is not in the tables (or the model's weights do not fit one GPU) stage 1 fits the
 smallest TP available, all coefficients at once, and the provenance says so.
+
+vLLM profiles then add the engine's host (CPU) work per step, which no op table holds, to
+the fitted step and per-sequence overheads (calibrate.host_overhead: Vidur's measured vLLM
+CPU overheads); the provenance keeps both parts (`kernel_overheads`, `host_overhead`).
+SGLang profiles do not: its overlap scheduler hides that work behind the GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from sim.profiles import PROFILES_DIR
 from sim.timing import TimingProfile
 
 from . import aiconfigurator as aic
+from . import host_overhead as ho
 from .fit import fit, kfold
 from .profile import profile_doc, write_profile
 
@@ -76,7 +82,12 @@ def profile_name(system: str, backend: str, model: str, tp: int, dtype: str = "b
 
 
 def build(spec: BundleSpec, out_dir: Path = PROFILE_DIR, k: int = 5,
-          date: str | None = None) -> list[Path]:
+          date: str | None = None,
+          host: dict[int, ho.HostOverhead] | None = None) -> list[Path]:
+    """`host`: the host-overhead lines added to a vLLM profile (module doc); read from
+    shared data when None."""
+    if spec.backend == "vllm" and host is None:
+        host = ho.fit(ho.read())
     model, gpu = load_model(spec.model), load_gpu(SYSTEM_GPU[spec.system])
     frames: dict[int, pd.DataFrame] = {}
     for tp in spec.tps:
@@ -110,9 +121,21 @@ def build(spec: BundleSpec, out_dir: Path = PROFILE_DIR, k: int = 5,
             "overheads fitted to this TP's samples")
         doc["provenance"]["held"] = list(held)
         doc["provenance"]["system"] = spec.system
+        if spec.backend == "vllm" and host is not None:
+            add_host_overhead(doc, ho.for_tp(host, tp), tp)
         name = profile_name(spec.system, spec.backend, model.name, tp, spec.dtype)
         written.append(write_profile(out_dir / name, doc))
     return written
+
+
+def add_host_overhead(doc: dict, h: ho.HostOverhead, tp: int) -> None:
+    """Fitted (kernel) overheads + the host line, both parts kept in the provenance."""
+    coeffs = doc["timing"]["profile"]
+    doc["provenance"]["kernel_overheads"] = {
+        k: coeffs[k] for k in ("step_overhead_s", "per_seq_overhead_s")}
+    coeffs["step_overhead_s"] += h.step_s
+    coeffs["per_seq_overhead_s"] += h.per_seq_s
+    doc["provenance"]["host_overhead"] = h.provenance(tp)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,13 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=[], metavar="WORD",
                    help="only the specs whose 'system backend model dtype' contains every WORD")
     args = p.parse_args(argv)
+    host = ho.fit(ho.read())
     for spec in BUNDLE:
         label = f"{spec.system} {spec.backend} {spec.model} {spec.dtype}"
         if not all(w.lower() in label.lower() for w in args.only):
             continue
         print(f"calibrate.bundle: {spec.system} {spec.backend} {spec.model} {spec.dtype} "
               f"TP {spec.tps}")
-        for path in build(spec):
+        for path in build(spec, host=host):
             print(f"  wrote {path}")
     return 0
 
