@@ -216,7 +216,10 @@ def _weighted_stats(values: np.ndarray, counts: np.ndarray) -> dict[str, float]:
     order = np.argsort(values, kind="stable")
     v = values[order]
     last_rank = np.cumsum(counts[order]) - 1  # the rank of each value's last copy
-    out = {"mean": float(np.dot(values, counts) / n)}
+    # numpy's pairwise sum, not np.dot: BLAS's dot sums in an order that depends on its
+    # thread count (a Ray worker runs with OMP_NUM_THREADS=1, a local process does not),
+    # which moved the mean by an ulp between executors
+    out = {"mean": float((values * counts).sum() / n)}
     q = np.asarray(PERCENTILES, dtype=np.float64) / 100
     virtual = q * (n - 1)
     lo = np.floor(virtual)

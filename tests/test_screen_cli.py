@@ -35,7 +35,7 @@ AZURE_HEAD = REPO / "scenarios" / "traces" / "azure_conv_head.csv"
 SMALL_SCREEN = {
     "name": "small-screen",
     "seed": 0,
-    "workload": {"trace": str(AZURE_HEAD), "max_requests": 600},
+    "workload": {"trace": str(AZURE_HEAD), "max_requests": 2000},
     "model": "meta-llama/Llama-3.1-8B",
     "gpu": "H100-SXM",
     "search": {
