@@ -4,6 +4,10 @@
     python benchmarks/replay_speed.py --peer-python PY     # + NVIDIA's DynoSim replay
     python benchmarks/replay_speed.py --peer-python PY --router kv   # both KV-aware
     python benchmarks/replay_speed.py --growth             # output x10, two trace copies
+    python benchmarks/replay_speed.py --peer-python PY --pure   # + servetwin, pure Python
+
+servetwin runs with its compiled engine when `servetwin native build` has built it (the
+first line printed says which); ``--pure`` adds the same replay with it switched off.
 
 Each configuration is run as its own process (start-up, trace loading and the
 output files included), ``--runs`` times, alternating between the commands
@@ -150,7 +154,14 @@ def main() -> int:
                    help="also time fast-forward against step-by-step (slow)")
     p.add_argument("--growth", action="store_true",
                    help="time output lengths x10 and two interleaved trace copies")
+    p.add_argument("--pure", action="store_true",
+                   help="with --peer-python: also time servetwin with its compiled engine "
+                   "off (SERVETWIN_PURE_PYTHON=1), in the same alternation")
     args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from sim._native import describe
+
+    print(f"servetwin's {describe()}", flush=True)
     scenario = Path(args.scenario)
     work = Path(tempfile.mkdtemp(prefix="servetwin-bench-"))
     try:
@@ -164,7 +175,9 @@ def main() -> int:
             peer = Command("dynamo replay", [args.peer_python, "-c", PEER_SCRIPT, str(trace),
                                              mode], env={"DYN_LOG": "warn"})
             print(f"servetwin vs NVIDIA DynoSim replay, {args.runs} alternating runs")
-            compare([ff, peer], args.runs, args.warmup)
+            pure = servetwin("servetwin pure", scenario, work, *router)
+            pure.env["SERVETWIN_PURE_PYTHON"] = "1"
+            compare([ff, *([pure] if args.pure else []), peer], args.runs, args.warmup)
         if args.step_by_step:
             print("\nfast-forward vs step-by-step")
             sbs = servetwin("step-by-step", scenario, work, "--step-by-step")

@@ -101,8 +101,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     rec_paths = _write_run(out, args.csv, result, resolved_doc)
     print(format_summary(result.summary))
     sim_s = result.summary["duration_s"]
+    from sim._native import describe
+
     print(f"\n  simulated {sim_s:,.1f} s in {wall:.2f} s wall"
-          + (f" ({sim_s / wall:,.0f}x real time)" if wall > 0 else ""))
+          + (f" ({sim_s / wall:,.0f}x real time)" if wall > 0 else "") + f"; {describe()}")
     timeline = (f", {out / 'timeline.json.gz'} (open in ui.perfetto.dev)"
                 if sc.simulation.timeline else "")
     files = [*rec_paths, out / "summary.json", out / "scenario.resolved.yaml"]
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_refit)
     from .validate_cmd import add_parser as add_validate
     add_validate(sub)
+    from .native_cmd import add_parser as add_native
+    add_native(sub)
     return p
 
 

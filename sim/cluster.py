@@ -29,16 +29,23 @@ from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from heapq import heappush
+from typing import Any, TypeAlias
 
 import numpy as np
 import simpy
 
 from .autoscale import PRIORITY_SLOTS, Autoscaler
-from .engines.vllm import StepPlan, VllmEngine
+from .engines.sglang import SglangEngine
+from .engines.vllm import VllmEngine
 from .errors import ScenarioError
 from .request import Request
 from .router import Router
 from .workload import ClosedLoop, Trace
+
+# A worker runs either engine through the same calls (schedule / commit / cut_run ...).
+# The union is spelled out so that the compiled build (sim/_native.py) dispatches on it.
+Engine: TypeAlias = VllmEngine | SglangEngine
+Plan: TypeAlias = Any  # the engine's own plan (StepPlan | SglangPlan), handed back to it
 
 ARRIVAL_PRIORITY = 1.0
 
@@ -74,7 +81,7 @@ def _alone_at(env: simpy.Environment, now: float) -> bool:
 
 
 class Worker:
-    def __init__(self, cluster: Cluster, worker_id: int, engine: VllmEngine,
+    def __init__(self, cluster: Cluster, worker_id: int, engine: Engine,
                  slots: int | None = None) -> None:
         """``slots``: worker ids that may ever exist (orders simultaneous events)."""
         self.cluster = cluster
@@ -84,7 +91,7 @@ class Worker:
         n = (cluster.num_workers if slots is None else slots) + 1
         self._end_priority = worker_id / n
         self._schedule_priority = 2.0 + worker_id / n
-        self.plan: StepPlan | None = None
+        self.plan: Plan | None = None
         self._gen = 0
         self._schedule_armed = False
 
@@ -101,7 +108,7 @@ class Worker:
         if plan.num_steps > 1 and not self.engine.absorbs_arrival(plan, now):
             self._cut_run(plan, now)
 
-    def _cut_run(self, plan: StepPlan, now: float) -> None:
+    def _cut_run(self, plan: Plan, now: float) -> None:
         """A request arrived during a run: end the run after the in-flight step."""
         last = plan.num_steps - 1
         c = int(np.searchsorted(plan.ends[:last], now, side="right"))  # steps ended by now
@@ -179,7 +186,7 @@ class Worker:
         self.plan = plan
         self._arm_end(plan)
 
-    def _arm_end(self, plan: StepPlan) -> None:
+    def _arm_end(self, plan: Plan) -> None:
         self._gen += 1
         _at(self.env, plan.end_s, self._end_priority, self._on_end_event, self._gen)
 
@@ -205,12 +212,12 @@ class Worker:
 @dataclass
 class SimOutcome:
     requests: list[Request]
-    engines: list[VllmEngine]
+    engines: list[Engine]
     num_events: int
 
 
 class Cluster:
-    def __init__(self, engines: Sequence[VllmEngine], router: Router, trace: Trace,
+    def __init__(self, engines: Sequence[Engine], router: Router, trace: Trace,
                  dense_hash_ids: np.ndarray, closed_loop: ClosedLoop | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  autoscaler: Autoscaler | None = None) -> None:

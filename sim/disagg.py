@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import simpy
@@ -130,14 +130,14 @@ class DisaggCluster(Cluster):
         req.hashed_end = 0
         req.prev_blocks = req.prev_stamps = None
         if req.num_output >= req.max_output_tokens:
-            self.engines[p].release(req)  # one output token: nothing to decode
+            cast(VllmEngine, self.engines[p]).release(req)  # one output token: no decode
             req.finish_s = now
             self._finished(req, now)
             return
         d = self._pick(self.decode_router, req, self.num_prefill, self.num_workers, now)
         # the decode worker's cache as of now (a fast-forward run takes its blocks late)
         self.workers[d].sync_kv(now)
-        lacking = self.engines[d].lacking_tokens(req)
+        lacking = cast(VllmEngine, self.engines[d]).lacking_tokens(req)  # P/D: vLLM pools
         nbytes = lacking * self.kv_bytes_per_token
         name = self._link_name(p, d)
         link = self.links.get(name)

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -333,7 +333,7 @@ class KeyPresence:
     keys once for the whole fleet instead of once per worker. The pools must share
     one key space (block size, hash block size, trace); at most 64 pools."""
 
-    MAX_POOLS = 64
+    MAX_POOLS: ClassVar[int] = 64
 
     @classmethod
     def fits(cls, pools: list[BlockPool]) -> bool:

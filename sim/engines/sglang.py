@@ -260,7 +260,7 @@ class SglangEngine:
         rem_chunk = (cfg.chunked_prefill_size - len(mixed)
                      if cfg.chunked_prefill_size > 0 else None)
         budget = _Budget(cfg.max_prefill_tokens - len(mixed), rem_chunk,
-                         len(mixed) + sum(self._running_offset(r) for r in self.running))
+                         len(mixed) + sum((self._running_offset(r) for r in self.running), 0.0))
         if self.chunked is not None:
             self._continue_chunk(plan, budget)
         if self.waiting:
