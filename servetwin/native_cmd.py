@@ -96,7 +96,7 @@ def build(root: Path = native.ROOT) -> list[Path]:
             rc = subprocess.run(
                 [sys.executable, "setup_native.py", ",".join(map(str, sources.values())),
                  native.GROUP], cwd=work, stdout=fh, stderr=subprocess.STDOUT,
-                env={**_env(), "PYTHONPATH": str(root)}).returncode
+                env={**_env(), "PYTHONPATH": str(root), "CFLAGS": _cflags()}).returncode
         if rc != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise NativeBuildError("servetwin native build", f"mypyc failed (exit {rc}):\n"
@@ -123,6 +123,15 @@ def build(root: Path = native.ROOT) -> list[Path]:
                                f"does not take it: {said}", "report this; removed the build")
     print(f"servetwin native: {said}, built in {time.perf_counter() - t0:.0f} s")
     return wanted
+
+
+def _cflags() -> str:
+    """No fused multiply-add: the compiled step_time must round as Python and numpy do
+    (fast-forward's decode_run_times is bitwise equal to repeated step_time calls), and
+    GCC contracts a + b * c into one FMA wherever the target has it (aarch64, x86-64-v3)."""
+    import os
+
+    return " ".join([os.environ.get("CFLAGS", ""), "-ffp-contract=off"]).strip()
 
 
 def _env() -> dict[str, str]:

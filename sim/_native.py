@@ -40,7 +40,7 @@ from typing import Any
 # compiled with their subclasses (an interpreted class cannot inherit a compiled one).
 MODULES = (
     "sim.request", "sim.steplog", "sim.kv", "sim.radix", "sim.offload", "sim.links",
-    "sim.engines.plan", "sim.engines.vllm", "sim.engines.sglang",
+    "sim.timing", "sim.engines.plan", "sim.engines.vllm", "sim.engines.sglang",
     "sim.cluster", "sim.disagg",
 )
 GROUP = "sim._native"  # mypyc group: the shared library is sim/_native__mypyc<suffix>
@@ -100,15 +100,21 @@ def decide(root: Path = ROOT, env: Mapping[str, str] = os.environ,
 
 
 class _FromSource(importlib.abc.MetaPathFinder):
-    """Loads the compiled modules from their .py files, ahead of their extensions."""
+    """Loads the compiled modules from their .py files, ahead of their extensions; warns
+    once, when the first of them is imported (a command that never imports the engine,
+    such as `servetwin native build`, says nothing)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, warning: str | None = None) -> None:
         self.root = root
+        self.warning = warning
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
         if fullname not in MODULES:
             return None
+        if self.warning:
+            warnings.warn(self.warning, RuntimeWarning, stacklevel=2)
+            self.warning = None
         return importlib.util.spec_from_file_location(fullname,
                                                       source_path(fullname, self.root))
 
@@ -119,11 +125,11 @@ def install() -> None:
     STATE.update(compiled=compiled, reason=why)
     if compiled or not built:
         return
+    warning = (None if why.startswith(ENV_PURE) else
+               f"servetwin: compiled engine not used ({why}); running pure Python. "
+               f"Fix: `{REBUILD}`")
     if not any(isinstance(f, _FromSource) for f in sys.meta_path):
-        sys.meta_path.insert(0, _FromSource(ROOT))
-    if not why.startswith(ENV_PURE):
-        warnings.warn(f"servetwin: compiled engine not used ({why}); running pure Python. "
-                      f"Fix: `{REBUILD}`", RuntimeWarning, stacklevel=3)
+        sys.meta_path.insert(0, _FromSource(ROOT, warning))
 
 
 def describe() -> str:

@@ -43,15 +43,17 @@ vectorised decode_run_times computes bitwise the same floats as repeated step_ti
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .catalog import ACTIVATION_BYTES, GpuSpec, LinearShape, ModelSpec, dtype_bytes
-from .errors import CatalogError
+from .timing_profile import _EFFICIENCIES, _SECONDS, TimingProfile, _check_profile
+
+_PRIOR = TimingProfile()  # the analytic prior's coefficients (frozen: one shared instance)
+
+__all__ = ["_EFFICIENCIES", "_SECONDS", "RooflineTiming", "TimingModel", "TimingProfile",
+           "_check_profile", "prefill_attn_work"]
 
 
 class TimingModel(Protocol):
@@ -72,88 +74,6 @@ class TimingModel(Protocol):
 def prefill_attn_work(num_new_tokens: int, num_cached_tokens: int) -> float:
     """Causal (query, key) pairs of one chunk: token i (1..n) sees c + i keys."""
     return num_new_tokens * (num_cached_tokens + (num_new_tokens + 1) / 2)
-
-
-_EFFICIENCIES = (
-    "gemm_compute_eff",
-    "gemm_mem_eff",
-    "attn_prefill_eff",
-    "attn_decode_eff",
-    "comm_eff",
-)
-_SECONDS = ("step_overhead_s", "per_seq_overhead_s", "allreduce_latency_s")
-
-
-@dataclass(frozen=True)
-class TimingProfile:
-    """Coefficients of the roofline. Defaults are priors for vLLM/SGLang on Hopper; the
-    efficiencies come from AIConfigurator's H100-SXM tables (aiconfigurator-core 0.12.0, vLLM
-    0.24.0; shared data/timing/aiconfigurator/h100_sxm) unless marked as a judgement."""
-
-    # bf16 GEMMs with n, k >= 4096 and m >= 2048 tokens reach 0.74–0.86 (10–90 %, median 0.81)
-    # of 989 TFLOP/s. fp8 GEMMs reach only ~0.5 of the fp8 peak there; calibrate per dtype.
-    gemm_compute_eff: float = 0.8
-    # AIC's mem_bw_empirical_scaling_factor 0.8; the m = 1 bf16 GEMMs read weights at
-    # 0.73–0.90 (median 0.84) of 3.35 TB/s.
-    gemm_mem_eff: float = 0.8
-    # FA3 bf16 causal prefill, prompts >= 4k, >= 32 heads: 0.53–0.63 (median 0.59) of peak;
-    # shorter prompts fall lower but then attention is a small part of the step.
-    attn_prefill_eff: float = 0.55
-    # FA3 decode reads the KV cache at ~0.9 of HBM bandwidth for >= 1 GB per call, 0.76
-    # (median) for >= 100 MB, less for small batches; 0.75 favours serving-sized batches.
-    attn_decode_eff: float = 0.75
-    # Fit (log error) of λ + 2(n−1)/n·bytes/(450 GB/s·η) to vLLM's custom all-reduce under CUDA
-    # graphs, 2–8 GPUs, 2 KB–32 MB (message_size read as bf16 elements): η 0.56, λ 5.0 µs.
-    comm_eff: float = 0.6
-    allreduce_latency_s: float = 5e-6
-    # Judgement. vLLM V0 measured 0.8 ms + ~40 µs/seq of CPU work per step (Vidur
-    # a100_cpu_overheads: schedule + prepare_inputs + sampler + process_outputs, Llama-2-7B,
-    # batch 8–128); V1's persistent batch and overlapped scheduling cut most of that.
-    step_overhead_s: float = 5e-4
-    per_seq_overhead_s: float = 1e-5
-
-    def __post_init__(self) -> None:
-        _check_profile(asdict(self), "TimingProfile")
-
-    def to_dict(self) -> dict[str, float]:
-        return {f.name: float(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "timing profile") -> TimingProfile:
-        """From a mapping (e.g. a YAML profile); missing keys keep their priors."""
-        if not isinstance(data, Mapping):
-            raise CatalogError(
-                where,
-                "a timing profile must be a mapping of coefficients",
-                f"give any of {', '.join(_EFFICIENCIES + _SECONDS)}",
-            )
-        unknown = sorted(set(map(str, data)) - set(_EFFICIENCIES) - set(_SECONDS))
-        if unknown:
-            raise CatalogError(
-                where,
-                f"unknown coefficient(s) {', '.join(unknown)}",
-                f"valid ones: {', '.join(_EFFICIENCIES + _SECONDS)}",
-            )
-        _check_profile(data, where)
-        return cls(**{k: float(v) for k, v in data.items()})
-
-
-def _check_profile(values: Mapping[str, Any], where: str) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise CatalogError(where, f"{name} = {value!r}: must be a number", "give a number")
-        if name in _EFFICIENCIES and not 0 < value <= 1:
-            raise CatalogError(
-                where,
-                f"{name} = {value!r}: must be in (0, 1]",
-                "an efficiency is a fraction of the peak",
-            )
-        if name in _SECONDS and not (math.isfinite(value) and value >= 0):
-            raise CatalogError(
-                where,
-                f"{name} = {value!r}: must be >= 0 seconds",
-                "give a finite non-negative time",
-            )
 
 
 class RooflineTiming:
@@ -192,7 +112,7 @@ class RooflineTiming:
         gpu: GpuSpec,
         tp: int,
         dtype: str = "bf16",
-        profile: TimingProfile = TimingProfile(),
+        profile: TimingProfile = _PRIOR,
         kv_dtype: str = "bf16",
     ) -> None:
         model.check_tp(tp)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,16 @@ def test_the_finder_loads_compiled_modules_from_their_sources(tmp_path: Path) ->
     spec = finder.find_spec("sim.engines.vllm", None)
     assert spec is not None and spec.origin == str(root / "sim" / "engines" / "vllm.py")
     assert finder.find_spec("sim.metrics", None) is None  # never compiled: not its business
+
+
+def test_the_finder_warns_once_when_the_engine_is_first_imported(tmp_path: Path) -> None:
+    finder = native._FromSource(fake_tree(tmp_path), "servetwin: compiled engine not used (x)")
+    assert finder.find_spec("sim.metrics", None) is None
+    with pytest.warns(RuntimeWarning, match=r"not used \(x\)"):
+        finder.find_spec("sim.kv", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        finder.find_spec("sim.cluster", None)  # said once is enough
 
 
 def test_clean_removes_the_build_and_only_it(tmp_path: Path) -> None:
