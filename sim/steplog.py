@@ -22,7 +22,11 @@ class StepLog:
         self._pend_ends: list[float] = []
         # one entry per segment
         self._seg_used: list[int] = []
-        self._block_steps: list[int] = []  # global step index of each extra block taken
+        # the step of each extra block taken, as given: offsets in its run + the run's
+        # shift, one (count, shift) per run; added up on demand (no work per block here)
+        self._block_steps: list[int] = []
+        self._block_counts: list[int] = []
+        self._block_shifts: list[int] = []
         self._seg_len: list[int] = []
         self._seg_start: list[float] = []
         self._seg_vals: dict[str, list[int]] = {k: [] for k in _PER_SEGMENT}
@@ -36,20 +40,21 @@ class StepLog:
 
     def extend(self, start_s: float, end_s: np.ndarray, kv_used_blocks: int,
                block_steps: list[int] | np.ndarray, num_running: int, num_waiting: int,
-               num_prefill_tokens: int, num_decode_seqs: int) -> None:
+               num_prefill_tokens: int, num_decode_seqs: int, block_offset: int = 0) -> None:
         """A run of steps; ``kv_used_blocks`` in its first step, one more block
-        in use from each step listed in ``block_steps`` (offsets >= 1, sorted)."""
+        in use from each step ``j + block_offset`` for j in ``block_steps`` (sorted;
+        offsets >= 1 into the run)."""
         n = int(end_s.size)
         if n == 0:
             return
         self._flush()
         self._ends.append(end_s)
         self._seg_used.append(kv_used_blocks)
-        first = self.num_steps
-        if isinstance(block_steps, np.ndarray):  # a long run's many events (SGLang)
-            self._block_steps.extend((block_steps + first).tolist())
-        else:
-            self._block_steps.extend(first + j for j in block_steps)
+        if len(block_steps):
+            self._block_steps.extend(block_steps.tolist() if isinstance(block_steps, np.ndarray)
+                                     else block_steps)
+            self._block_counts.append(len(block_steps))
+            self._block_shifts.append(self.num_steps + block_offset)
         self._segment(n, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
     def _segment(self, n: int, start_s: float, *vals: int) -> None:
@@ -80,7 +85,10 @@ class StepLog:
             used = np.repeat(np.asarray(self._seg_used, dtype=np.int64), lens)
             if self._block_steps:
                 extra = np.zeros(self.num_steps, dtype=np.int64)
-                np.add.at(extra, np.asarray(self._block_steps, dtype=np.int64), 1)
+                at = np.asarray(self._block_steps, dtype=np.int64)
+                at += np.repeat(np.asarray(self._block_shifts, dtype=np.int64),
+                                np.asarray(self._block_counts, dtype=np.int64))
+                np.add.at(extra, at, 1)
                 extra = np.cumsum(extra)
                 first = np.cumsum(lens) - lens
                 before = np.where(first > 0, extra[np.maximum(first - 1, 0)], 0)

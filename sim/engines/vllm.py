@@ -753,8 +753,8 @@ class VllmEngine:
         a = bisect_right(ev, lo)  # blocks taken in steps up to lo are in use at lo
         b = bisect_left(ev, hi)
         n = plan.n_running
-        self.steps.extend(start, plan.ends[lo:hi], plan.used[0] + a, [e - lo for e in ev[a:b]],
-                          n, waiting, 0, n)
+        self.steps.extend(start, plan.ends[lo:hi], plan.used[0] + a, ev[a:b], n, waiting, 0, n,
+                          block_offset=-lo)
 
     def _hand_out_blocks(self, plan: StepPlan, hi: int) -> None:
         """Allocate the blocks of run steps [handed, hi), in the planned event order."""
