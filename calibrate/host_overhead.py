@@ -39,6 +39,8 @@ import pandas as pd
 
 from sim.errors import InputError
 
+from .importers import _numbers, vidur_root
+
 FILE = "legacy/a100_cpu_overheads.csv.gz"
 SOURCE = "microsoft/vidur:data/profiling/a100/cpu_overheads.csv @ 7f14d6ab"
 COMPONENTS = ("schedule_median", "sampler_e2e_median", "prepare_inputs_e2e_median",
@@ -70,7 +72,6 @@ class HostOverhead:
 
 
 def default_path() -> Path:
-    from .importers import vidur_root
     return vidur_root() / FILE
 
 
@@ -86,19 +87,11 @@ def read(path: str | Path | None = None) -> pd.DataFrame:
     except (OSError, ValueError, UnicodeDecodeError, EOFError) as e:
         raise InputError(str(path), f"not a readable CSV ({type(e).__name__})",
                          "give Vidur's cpu_overheads.csv, gzipped or not") from None
-    missing = [c for c in (*KEYS, *COMPONENTS) if c not in df.columns]
-    if missing:
-        raise InputError(str(path), f"missing column(s) {', '.join(missing)}",
+    if "model_name" not in df.columns:
+        raise InputError(str(path), "missing column(s) model_name",
                          "give Vidur's cpu_overheads.csv, which has them")
-    for col in (*KEYS[1:], *COMPONENTS):
-        values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() | (values < (1 if col in KEYS else 0))
-        if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(f"{path}:{i + 2}", f"{col} = {df[col].iloc[i]!r}: not a "
-                             f"{'positive' if col in KEYS else 'non-negative'} number",
-                             "fix or remove the row")
-        df[col] = values
+    _numbers(df, KEYS[1:], path, positive=True)
+    _numbers(df, COMPONENTS, path, positive=False)
     return df
 
 

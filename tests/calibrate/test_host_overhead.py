@@ -62,7 +62,7 @@ def test_missing_column_and_bad_value_are_named(tmp_path: Path) -> None:
         ho.read(table(tmp_path, rows))
     rows = exact_rows(1, 0.8, 0.04, "a")
     rows[2]["batch_size"] = "many"
-    with pytest.raises(InputError, match=r"cpu\.csv:4: batch_size = 'many'.*Fix: fix or remove"):
+    with pytest.raises(InputError, match=r"cpu\.csv:4: batch_size = 'many'.*Fix: fix or delete"):
         ho.read(table(tmp_path, rows))
     with pytest.raises(InputError, match="file not found"):
         ho.read(tmp_path / "absent.csv")
