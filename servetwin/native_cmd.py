@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -31,6 +32,15 @@ from mypyc.build import mypycify
 paths, group = sys.argv[1].split(",") + ["--ignore-missing-imports"], sys.argv[2]
 sys.argv = [sys.argv[0], "build_ext", "--build-lib", "lib", "--build-temp", "tmp"]
 setup(name="servetwin-native", ext_modules=mypycify(paths, group_name=group, opt_level="3"))
+"""
+
+
+# a fresh interpreter imports the engine and says whether it got the extension modules
+CHECK = """\
+import importlib, sim._native as n
+files = {m: str(importlib.import_module(m).__file__) for m in n.MODULES}
+source = [f for f in files.values() if not f.endswith(n.ext_suffix())]
+print(n.describe() if not source else f"{source[0]} imported instead of its extension")
 """
 
 
@@ -114,8 +124,8 @@ def build(root: Path = native.ROOT) -> list[Path]:
         "ext_suffix": native.ext_suffix(), "modules": hashes,
         "built": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.version.split()[0],
     }, indent=1) + "\n", encoding="utf-8")
-    check = subprocess.run([sys.executable, "-c", "import sim._native as n; print(n.describe())"],
-                           capture_output=True, text=True, cwd=root, env=_env())
+    check = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True,
+                           cwd=root, env=_env())
     said = (check.stdout or check.stderr).strip()
     if check.returncode != 0 or not said.startswith("compiled"):
         clean(root)
@@ -129,12 +139,8 @@ def _cflags() -> str:
     """No fused multiply-add: the compiled step_time must round as Python and numpy do
     (fast-forward's decode_run_times is bitwise equal to repeated step_time calls), and
     GCC contracts a + b * c into one FMA wherever the target has it (aarch64, x86-64-v3)."""
-    import os
-
     return " ".join([os.environ.get("CFLAGS", ""), "-ffp-contract=off"]).strip()
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != native.ENV_PURE}
