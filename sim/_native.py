@@ -75,7 +75,8 @@ def decide(root: Path = ROOT, env: Mapping[str, str] = os.environ,
            suffix: str | None = None) -> tuple[bool, str, bool]:
     """(use the build?, why not / what, is anything built at all?)"""
     suffix = suffix or ext_suffix()
-    present = [p for p in extension_paths(root, suffix) if p.exists()]
+    paths = extension_paths(root, suffix)
+    present = [p for p in paths if p.exists()]
     if env.get(ENV_PURE, "") not in ("", "0"):
         return False, f"{ENV_PURE} is set", bool(present)
     if not present:
@@ -89,7 +90,7 @@ def decide(root: Path = ROOT, env: Mapping[str, str] = os.environ,
         return False, f"compiled modules without a readable {manifest.name}", True
     if built_for != suffix:
         return False, f"built for {built_for}, this interpreter is {suffix}", True
-    missing = [p.name for p in extension_paths(root, suffix) if not p.exists()]
+    missing = [p.name for p in paths if p not in present]
     if missing:
         return False, f"partial build: {missing[0]} missing", True
     for m in MODULES:
