@@ -27,13 +27,11 @@ import pandas as pd
 
 from sim.errors import InputError
 
-AGGREGATES = ("num_prefill_tokens", "prefill_attn_work", "num_prefill_seqs",
-              "num_decode_seqs", "decode_context_tokens")
-PARALLEL = ("tp", "pp")
-PROVENANCE = ("gpu", "engine", "engine_version", "model", "dtype", "date", "source")
-COLUMNS = (*AGGREGATES, *PARALLEL, "measured_s", *PROVENANCE)
-_INTS = ("num_prefill_tokens", "num_prefill_seqs", "num_decode_seqs", "decode_context_tokens",
-         "tp", "pp")
+from .schema import AGGREGATES, COLUMNS, PARALLEL, PROVENANCE
+from .schema import INTS as _INTS
+
+__all__ = ["AGGREGATES", "COLUMNS", "PARALLEL", "PROVENANCE", "check", "frame", "read",
+           "regime", "write"]
 
 
 def frame(rows: Iterable[Mapping[str, Any]], where: str = "measurements") -> pd.DataFrame:
