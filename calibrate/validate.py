@@ -10,7 +10,8 @@ a closed loop at concurrency = batch_size over max(4 x concurrency, 64) syntheti
 exactly isl / osl tokens (unique prompts, no shared prefix), vLLM start-up defaults for the GPU.
 
 Statistic: the mean over requests after the first wave (the first `concurrency` requests start
-together on an idle engine: warm-up). Upstream does not say mean or median; benchmark clients
+together on an idle engine: warm-up). LoopProtocol (CLI options) sets the loop length, whether
+the first wave counts, and the token budget. Upstream does not say mean or median; benchmark clients
 (genai-perf, vllm bench) lead with the mean, and fixed lengths keep the two close.
 
 Scores (summary): APE = |pred / silicon - 1| per row, median and mean; Spearman rho of pred vs
@@ -170,12 +171,35 @@ def pick_profile(profiles: Sequence[BundledProfile], system: str, backend: str, 
 
 
 # ------------------------------------------------------------------ simulate
+@dataclass(frozen=True)
+class LoopProtocol:
+    """How the closed-loop benchmark behind the rows ran, as far as the twin needs it.
+    Upstream does not document it; the defaults are this module's (docstring), and
+    `servetwin validate` can set each one to show how much the scores depend on it."""
+    requests_per_client: int = 4  # requests = max(requests_per_client x concurrency, 64)
+    num_requests: int | None = None  # a fixed count instead
+    count_first_wave: bool = False  # True: the mean over every request
+    max_num_batched_tokens: int | None = None  # None: vLLM's start-up default for the GPU
+
+    def requests(self, concurrency: int) -> int:
+        return self.num_requests or max(self.requests_per_client * concurrency, 64)
+
+    def describe(self) -> str:
+        n = (f"{self.num_requests} requests" if self.num_requests else
+             f"max({self.requests_per_client} x concurrency, 64) requests")
+        who = "every request" if self.count_first_wave else "requests after the first wave"
+        budget = (f", max_num_batched_tokens {self.max_num_batched_tokens}"
+                  if self.max_num_batched_tokens else "")
+        return f"mean over {who}; {n}{budget}"
+
+
 def requests_for(concurrency: int) -> int:
-    return max(4 * concurrency, 64)
+    return LoopProtocol().requests(concurrency)
 
 
 def predict_row(row: Row, profiles: Sequence[BundledProfile],
-                num_requests: int | None = None) -> Prediction:
+                num_requests: int | None = None,
+                protocol: LoopProtocol | None = None) -> Prediction:
     pred = Prediction(row)
     model = resolve_model_name(row.model_path)
     if row.mode != "agg":
@@ -205,7 +229,7 @@ def predict_row(row: Row, profiles: Sequence[BundledProfile],
         pred.notes.append(f"profile from {row.backend} {prof.engine_version} op tables, "
                           f"row measured {row.backend_version}")
     try:
-        ttft_s, tpot_s = simulate_closed_loop(row, model, prof.path, num_requests)
+        ttft_s, tpot_s = simulate_closed_loop(row, model, prof.path, num_requests, protocol)
     except ServetwinError as e:
         pred.skipped = " ".join(str(e).split())
         return pred
@@ -214,16 +238,22 @@ def predict_row(row: Row, profiles: Sequence[BundledProfile],
 
 
 def simulate_closed_loop(row: Row, model: str, profile_path: Path,
-                         num_requests: int | None = None) -> tuple[float, float]:
-    """(mean TTFT s, mean TPOT s) over the requests after the first wave."""
+                         num_requests: int | None = None,
+                         protocol: LoopProtocol | None = None) -> tuple[float, float]:
+    """(mean TTFT s, mean TPOT s) over the requests the protocol counts (by default those
+    after the first wave)."""
     from sim.scenario import validate_scenario
     from sim.simulate import resolve, simulate
 
+    protocol = protocol or LoopProtocol()
     profile, _ = load_profile(profile_path)
-    n = num_requests or requests_for(row.batch_size)
+    n = num_requests or protocol.requests(row.batch_size)
+    engine: dict[str, Any] = {"tensor_parallel_size": row.tp}
+    if protocol.max_num_batched_tokens:
+        engine["max_num_batched_tokens"] = protocol.max_num_batched_tokens
     doc = {
         "name": row.id, "seed": 0, "model": model, "gpu": SYSTEM_GPU[row.system],
-        "dtype": row.dtype, "engine": {"tensor_parallel_size": row.tp},
+        "dtype": row.dtype, "engine": engine,
         "timing": {"kind": "roofline", "profile": profile.to_dict()},
         "workload": {
             # arrivals are replaced by the closed loop; the rate only orders the trace
@@ -237,7 +267,7 @@ def simulate_closed_loop(row: Row, model: str, profile_path: Path,
     ok = c["status"] == "ok"
     order = np.argsort(c["arrival_s"], kind="stable")
     keep = np.zeros(len(ok), bool)
-    keep[order[min(row.batch_size, len(ok) - 1):]] = True
+    keep[order[0 if protocol.count_first_wave else min(row.batch_size, len(ok) - 1):]] = True
     keep &= ok
     if not keep.any():
         raise InputError(row.where, "every simulated request was refused",
@@ -299,7 +329,7 @@ def _best(preds: list[Prediction], key: str) -> dict[str, Any]:
             "misses": [c for c in cases if c["measured_best_tp"] != c["predicted_best_tp"]]}
 
 
-def summarize(preds: list[Prediction]) -> dict[str, Any]:
+def summarize(preds: list[Prediction], protocol: LoopProtocol | None = None) -> dict[str, Any]:
     done = [p for p in preds if not p.skipped]
     groups: dict[str, list[Prediction]] = {}
     for p in done:
@@ -307,7 +337,7 @@ def summarize(preds: list[Prediction]) -> dict[str, Any]:
                           []).append(p)
     return {
         "num_rows": len(preds), "num_simulated": len(done),
-        "statistic": "mean over requests after the first wave",
+        "statistic": (protocol or LoopProtocol()).describe(),
         "ttft": _stats([ape(p.pred_ttft_ms, p.row.silicon_ttft_ms) for p in done]),
         "tpot": _stats([ape(p.pred_tpot_ms, p.row.silicon_tpot_ms) for p in done]),
         "spearman": {g: {"num_rows": len(ps),

@@ -19,7 +19,15 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--profiles", default=None,
                    help="folder of profile YAMLs (default: the bundled sim/data/profiles)")
     v.add_argument("--num-requests", type=int, default=None,
-                   help="requests per row (default max(4 x concurrency, 64))")
+                   help="requests per row (default max(K x concurrency, 64), K below)")
+    v.add_argument("--requests-per-client", type=int, default=4, metavar="K",
+                   help="closed loop length in requests per client (default 4)")
+    v.add_argument("--count-first-wave", action="store_true",
+                   help="average over every request, the first wave (all clients starting "
+                   "together on an idle engine) included; default: the requests after it")
+    v.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="the engine's token budget per step (default: vLLM's start-up "
+                   "default for the GPU)")
     v.set_defaults(func=cmd_validate)
 
 
@@ -27,6 +35,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from calibrate import validate as val
     from sim.errors import InputError
 
+    for flag, value in (("--num-requests", args.num_requests),
+                        ("--requests-per-client", args.requests_per_client),
+                        ("--max-num-batched-tokens", args.max_num_batched_tokens)):
+        if value is not None and value < 1:
+            raise InputError(flag, f"{value}: must be at least 1", f"give {flag} >= 1")
+    protocol = val.LoopProtocol(args.requests_per_client, args.num_requests,
+                                args.count_first_wave, args.max_num_batched_tokens)
     rows = val.read_rows(args.rows)
     profiles = val.bundled_profiles(Path(args.profiles) if args.profiles else val.PROFILE_DIR)
     try:
@@ -38,14 +53,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     preds = []
     for i, row in enumerate(rows, 1):
-        preds.append(val.predict_row(row, profiles, args.num_requests))
+        preds.append(val.predict_row(row, profiles, protocol=protocol))
         if sys.stderr.isatty():
             print(f"\r  {i}/{len(rows)} rows, {time.perf_counter() - t0:.0f} s", end="",
                   file=sys.stderr, flush=True)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     wall = time.perf_counter() - t0
-    summary = val.summarize(preds)
+    summary = val.summarize(preds, protocol)
     summary["wall_s"] = round(wall, 2)
     try:
         val.write_csv(out / "predictions.csv", preds)

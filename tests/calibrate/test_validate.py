@@ -163,3 +163,38 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_cli_bad_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(tmp_path / "no.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_loop_protocol_options_change_what_is_simulated(tmp_path: Path) -> None:
+    """The benchmark protocol upstream does not document, each knob set on its own: a wave
+    of 8 x 4,096 tokens takes four 8,192-token steps on an idle engine, later prompts arrive
+    staggered, so counting the first wave changes the mean TTFT; so does a 2,048-token
+    budget."""
+    r = row(tmp=str(tmp_path), isl="4096", osl="32", c="8")
+    prof = val.pick_profile(val.bundled_profiles(), r.system, r.backend, "Qwen/Qwen3-32B",
+                            r.tp, r.dtype)[0]
+    assert prof is not None
+
+    def ttft(**kw: object) -> float:
+        return val.simulate_closed_loop(r, "Qwen/Qwen3-32B", prof.path,
+                                        protocol=val.LoopProtocol(**kw))[0]  # type: ignore[arg-type]
+    base = ttft()
+    assert ttft(count_first_wave=True) != pytest.approx(base, rel=1e-3)
+    assert ttft(max_num_batched_tokens=2048) != pytest.approx(base, rel=1e-3)
+    assert val.LoopProtocol(requests_per_client=10).requests(8) == 80
+    assert val.LoopProtocol().requests(8) == 64
+    assert val.LoopProtocol(num_requests=7).requests(8) == 7
+
+
+def test_cli_protocol_is_recorded_and_checked(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    p = write_rows(tmp_path, line("a", osl="16", c="4", tp="4"))
+    out = tmp_path / "out"
+    assert main(["validate", str(p), "--out", str(out), "--requests-per-client", "20",
+                 "--count-first-wave", "--max-num-batched-tokens", "2048"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["statistic"] == ("mean over every request; max(20 x concurrency, 64) requests, "
+                              "max_num_batched_tokens 2048")
+    capsys.readouterr()
+    assert main(["validate", str(p), "--out", str(out), "--requests-per-client", "0"]) == 2
+    assert "--requests-per-client: 0: must be at least 1" in capsys.readouterr().err
