@@ -10,8 +10,10 @@ all-reduces between TP ranks (one GPU here), rotary embedding, the paged-KV writ
 and every bit of host work (scheduling, input preparation, detokenising).
 
 Layers cycle over a few distinct weight sets (and KV buffers): each set is far larger than
-the L2 cache, so every layer still streams its weights (and KV) from memory. Decode passes
-run as captured CUDA graphs, as vLLM runs them; prefill passes run eagerly. Each shape is
+the L2 cache, so every layer still streams its weights (and KV) from memory. Every pass is
+captured once as a CUDA graph and replayed, so no per-kernel launch cost from Python counts
+(vLLM runs its passes from graphs too); a pass whose capture fails runs eagerly, and the row's
+engine_version says which. Each shape is
 timed with CUDA events: `warmup` passes, then the median of `reps`.
 
     python -m calibrate.kernel_probe run --model Qwen/Qwen3-32B --tp 1,2,4,8 --out probe.csv
@@ -50,29 +52,43 @@ MAX_CYCLE = 16
 
 @dataclass(frozen=True)
 class Shape:
-    """One forward pass: `prefill_seqs` prompts of `prefill_len` tokens from scratch, or
-    `decode_seqs` sequences decoding one token after `context - 1` cached ones."""
+    """One forward pass: `prefill_seqs` prompt chunks of `prefill_len` tokens, each after
+    `prefill_ctx` cached tokens (0: from scratch), beside `decode_seqs` sequences decoding
+    one token after `context - 1` cached ones. Either part may be empty."""
     prefill_seqs: int = 0
     prefill_len: int = 0
     decode_seqs: int = 0
     context: int = 0
+    prefill_ctx: int = 0
 
     @property
     def is_prefill(self) -> bool:
         return self.prefill_seqs > 0
 
+    @property
+    def is_decode_only(self) -> bool:
+        return self.prefill_seqs == 0
+
+    @property
+    def prefill_rows(self) -> int:
+        return self.prefill_seqs * self.prefill_len
+
     def aggregates(self) -> dict[str, int | float]:
-        n = self.prefill_len
+        n, c = self.prefill_len, self.prefill_ctx
         return {"num_prefill_tokens": self.prefill_seqs * n,
-                "prefill_attn_work": float(self.prefill_seqs * n * (n + 1) / 2),
+                "prefill_attn_work": float(self.prefill_seqs * n * (c + (n + 1) / 2)),
                 "num_prefill_seqs": self.prefill_seqs,
                 "num_decode_seqs": self.decode_seqs,
                 "decode_context_tokens": self.decode_seqs * self.context}
 
     def label(self) -> str:
+        parts = []
         if self.is_prefill:
-            return f"prefill {self.prefill_seqs} x {self.prefill_len}"
-        return f"decode {self.decode_seqs} x ctx {self.context}"
+            after = f" after {self.prefill_ctx}" if self.prefill_ctx else ""
+            parts.append(f"prefill {self.prefill_seqs} x {self.prefill_len}{after}")
+        if self.decode_seqs:
+            parts.append(f"decode {self.decode_seqs} x ctx {self.context}")
+        return " + ".join(parts)
 
 
 def default_shapes(prefill_lens: Sequence[int] = (1024, 4096),
@@ -87,9 +103,25 @@ def default_shapes(prefill_lens: Sequence[int] = (1024, 4096),
     return shapes
 
 
+def mixed_shapes() -> list[Shape]:
+    """What chunked prefill makes: a prompt in the same pass as running decodes, and a
+    prompt's later chunk attending to its cached first part."""
+    shapes = [Shape(prefill_seqs=1, prefill_len=n, decode_seqs=b, context=c)
+              for n, c in ((1024, 1536), (4096, 4608)) for b in (8, 32, 128)]
+    shapes += [Shape(prefill_seqs=1, prefill_len=n, prefill_ctx=c)
+               for n, c in ((2048, 2048), (2048, 6144), (512, 3584))]
+    shapes.append(Shape(prefill_seqs=1, prefill_len=2048, prefill_ctx=2048, decode_seqs=32,
+                        context=4608))
+    return shapes
+
+
 def small_shapes() -> list[Shape]:
     """A few cheap passes, for dry runs and tests."""
-    return [Shape(prefill_seqs=2, prefill_len=16), Shape(decode_seqs=4, context=24)]
+    return [Shape(prefill_seqs=2, prefill_len=16), Shape(decode_seqs=4, context=24),
+            Shape(prefill_seqs=1, prefill_len=8, prefill_ctx=8, decode_seqs=2, context=24)]
+
+
+SHAPE_SETS = {"default": default_shapes, "mixed": mixed_shapes, "small": small_shapes}
 
 
 def check_model(model: ModelSpec) -> None:
@@ -129,47 +161,70 @@ class RankModel:
                        for _ in range(cycle)]
         self.norm = torch.ones(h, device=device, dtype=bf)
         self.lm_head = w(h, math.ceil(model.vocab_size / tp))
-        self.kv: list[tuple[Any, Any]] = []
-        self.backend = self._pick_backend()
+        self.kv: list[tuple[Any, ...]] = []
+        q = torch.randn(1, self.heads, 64, self.hd, device=device, dtype=bf)
+        kv = torch.randn(1, self.kv_heads, 64, self.hd, device=device, dtype=bf)
+        f = torch.nn.functional
+        # prefill from scratch and packed decode; a later chunk (bottom-right causal mask)
+        self.backend = self._pick_backend(lambda: (
+            f.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True),
+            f.scaled_dot_product_attention(q[:, :, :1].reshape(1, self.kv_heads, -1, self.hd),
+                                           kv, kv)))
+        self.chunk_backend = self._pick_backend(lambda: chunk_attention(
+            f, q[:, :, :16], kv, kv))
 
-    def _pick_backend(self) -> Any:
-        """The first of cuDNN, FlashAttention-2 and memory-efficient attention that runs both
-        attention calls here (GQA prefill, packed decode); None: PyTorch's own choice."""
+    def _pick_backend(self, trial: Any) -> Any:
+        """The first of cuDNN, FlashAttention-2 and memory-efficient attention that runs the
+        trial's attention calls; None: PyTorch's own choice (and always on a CPU)."""
         if self.dev == "cpu":
             return None
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        t, f = self.t, self.t.nn.functional
-        q = t.randn(1, self.heads, 64, self.hd, device=self.dev, dtype=t.bfloat16)
-        kv = t.randn(1, self.kv_heads, 64, self.hd, device=self.dev, dtype=t.bfloat16)
-        qd = q[:, :, :1].reshape(1, self.kv_heads, -1, self.hd)
         for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                   SDPBackend.EFFICIENT_ATTENTION):
             try:
                 with sdpa_kernel([b]):
-                    f.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
-                    f.scaled_dot_product_attention(qd, kv, kv)
-                t.cuda.synchronize()
+                    trial()
+                self.t.cuda.synchronize()
                 return b
             except RuntimeError:
                 continue
         return None
 
-    def attention_name(self) -> str:
-        return "sdpa-default" if self.backend is None else self.backend.name.lower()
+    def attention_name(self, shape: Shape | None = None) -> str:
+        def name(b: Any) -> str:
+            return "sdpa-default" if b is None else b.name.lower()
+        if shape is not None and shape.prefill_ctx:
+            return f"{name(self.backend)}, chunks {name(self.chunk_backend)}"
+        return name(self.backend)
 
-    def context(self) -> Any:
+    def _sdpa(self, backend: Any) -> Any:
         import contextlib
-        if self.backend is None:
+        if backend is None:
             return contextlib.nullcontext()
         from torch.nn.attention import sdpa_kernel
-        return sdpa_kernel([self.backend])
+        return sdpa_kernel([backend])
 
-    def alloc_kv(self, batch: int, ctx: int, cycle: int) -> None:
+    def context(self) -> Any:
+        return self._sdpa(self.backend)
+
+    def alloc_kv(self, shape: Shape, cycle: int) -> None:
+        """Random caches per layer of the cycle: the decoders' (context − 1 tokens plus the
+        new one) and the chunks' (cached tokens plus the chunk: its own K/V stand written)."""
         t = self.t
         self.kv = []  # free the previous shape's first
-        shape = (batch, self.kv_heads, ctx, self.hd)
-        self.kv = [(t.randn(shape, device=self.dev, dtype=t.bfloat16),
-                    t.randn(shape, device=self.dev, dtype=t.bfloat16)) for _ in range(cycle)]
+
+        def r(*dims: int) -> Any:
+            return t.randn(dims, device=self.dev, dtype=t.bfloat16)
+        for _ in range(cycle):
+            dk = dv = pk = pv = None
+            if shape.decode_seqs:
+                dims = (shape.decode_seqs, self.kv_heads, shape.context, self.hd)
+                dk, dv = r(*dims), r(*dims)
+            if shape.prefill_ctx:
+                dims = (shape.prefill_seqs, self.kv_heads,
+                        shape.prefill_ctx + shape.prefill_len, self.hd)
+                pk, pv = r(*dims), r(*dims)
+            self.kv.append((dk, dv, pk, pv))
 
     def _rms(self, x: Any) -> Any:
         return self.t.nn.functional.rms_norm(x, (x.shape[-1],), self.norm, 1e-6)
@@ -181,23 +236,30 @@ class RankModel:
             wqkv, wo, wgu, wd = self.layers[i % len(self.layers)]
             qkv = self._rms(x) @ wqkv
             q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-            if shape.is_prefill:
+            dk, dv, pk, pv = self.kv[i % len(self.kv)] if self.kv else (None,) * 4
+            parts = []
+            p = shape.prefill_rows
+            if p:
                 b, n = shape.prefill_seqs, shape.prefill_len
-                q = q.view(b, n, nq, hd).transpose(1, 2)
-                k = k.view(b, n, nkv, hd).transpose(1, 2)
-                v = v.view(b, n, nkv, hd).transpose(1, 2)
-                a = f.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                a = a.transpose(1, 2).reshape(b * n, nq * hd)
-            else:
-                b = shape.decode_seqs
-                kc, vc = self.kv[i % len(self.kv)]
-                a = packed_decode_attention(f, q, kc, vc)
+                qp = q[:p].view(b, n, nq, hd).transpose(1, 2)
+                if shape.prefill_ctx:
+                    with self._sdpa(self.chunk_backend):
+                        a = chunk_attention(f, qp, pk, pv)
+                else:
+                    kp = k[:p].view(b, n, nkv, hd).transpose(1, 2)
+                    vp = v[:p].view(b, n, nkv, hd).transpose(1, 2)
+                    a = f.scaled_dot_product_attention(qp, kp, vp, is_causal=True,
+                                                       enable_gqa=True)
+                parts.append(a.transpose(1, 2).reshape(p, nq * hd))
+            if shape.decode_seqs:
+                parts.append(packed_decode_attention(f, q[p:], dk, dv))
+            a = parts[0] if len(parts) == 1 else t.cat(parts)
             x = x + a @ wo
             g, u = (self._rms(x) @ wgu).split([self.inter, self.inter], dim=-1)
             x = x + (f.silu(g) * u) @ wd
-        rows = shape.prefill_seqs or shape.decode_seqs
-        if shape.is_prefill:  # one row per sequence: its last token
-            x = x.view(rows, shape.prefill_len, -1)[:, -1]
+        if shape.is_prefill:  # one row per sequence: a chunk's last token, every decoder
+            last = x[:shape.prefill_rows].view(shape.prefill_seqs, shape.prefill_len, -1)[:, -1]
+            x = t.cat([last, x[shape.prefill_rows:]]) if shape.decode_seqs else last
         return t.matmul(self._rms(x), self.lm_head).float()
 
 
@@ -210,9 +272,19 @@ def packed_decode_attention(f: Any, q: Any, k: Any, v: Any) -> Any:
     return out.reshape(b, -1)
 
 
+def chunk_attention(f: Any, q: Any, k: Any, v: Any) -> Any:
+    """A prompt chunk after cached tokens: q (b, heads, n, hd) against k/v (b, kv_heads,
+    cached + n, hd), causal with the queries aligned to the last keys (bottom-right)."""
+    from torch.nn.attention.bias import causal_lower_right
+    mask = causal_lower_right(q.shape[-2], k.shape[-2])
+    return f.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 def _kv_cycle(model: ModelSpec, tp: int, shape: Shape) -> int:
-    per_layer = 2 * shape.decode_seqs * shape.context * model.kv_heads_per_gpu(tp) \
-        * model.head_dim * 2
+    tokens = (shape.decode_seqs * shape.context
+              + shape.prefill_seqs * (shape.prefill_ctx + shape.prefill_len
+                                      if shape.prefill_ctx else 0))
+    per_layer = 2 * tokens * model.kv_heads_per_gpu(tp) * model.head_dim * 2
     return max(1, min(MAX_CYCLE, model.num_layers, math.ceil(L2_MARGIN_BYTES / max(per_layer, 1))))
 
 
@@ -221,26 +293,30 @@ def _weight_cycle(model: ModelSpec, tp: int) -> int:
     return max(2, min(MAX_CYCLE, model.num_layers, math.ceil(L2_MARGIN_BYTES / per_layer)))
 
 
-def time_shape(rm: RankModel, shape: Shape, warmup: int, reps: int) -> list[float]:
+def time_shape(rm: RankModel, shape: Shape, warmup: int, reps: int) -> tuple[list[float], str]:
+    """Seconds of each timed pass, and how the passes ran: "cuda graph" (captured once,
+    replayed: no per-kernel launch cost, as vLLM's graphs) or "eager" (CPU, or a capture
+    that failed)."""
     t = rm.t
-    rows = shape.prefill_seqs * shape.prefill_len or shape.decode_seqs
+    rows = shape.prefill_rows + shape.decode_seqs
     x = t.randn(rows, rm.m.hidden_size, device=rm.dev, dtype=t.bfloat16)
-    if not shape.is_prefill:
-        rm.alloc_kv(shape.decode_seqs, shape.context, _kv_cycle(rm.m, rm.tp, shape))
-    if shape.is_prefill or rm.dev == "cpu":
-        def run() -> Any:
-            with rm.context():
-                return rm.forward(x, shape)
-    else:
+    rm.kv = []
+    if shape.decode_seqs or shape.prefill_ctx:
+        rm.alloc_kv(shape, _kv_cycle(rm.m, rm.tp, shape))
+    def eager() -> Any:
         with rm.context():
+            return rm.forward(x, shape)
+    run, mode = eager, "eager"
+    if rm.dev != "cpu":
+        try:
             for _ in range(2):  # warm before capture
-                rm.forward(x, shape)
+                eager()
             graph = t.cuda.CUDAGraph()
-            with t.cuda.graph(graph):
+            with t.cuda.graph(graph), rm.context():
                 rm.forward(x, shape)
-
-        def run() -> Any:
-            graph.replay()
+            run, mode = graph.replay, "cuda graph"
+        except RuntimeError:  # a kernel that cannot be captured: time the eager passes
+            t.cuda.synchronize()
     for _ in range(warmup):
         run()
     times = []
@@ -257,7 +333,7 @@ def time_shape(rm: RankModel, shape: Shape, warmup: int, reps: int) -> list[floa
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     rm.kv = []
-    return times
+    return times, mode
 
 
 def gpu_name(torch: Any, device: str) -> str:
@@ -294,9 +370,10 @@ def run(model_name: str, tps: Sequence[int], out: Path, shapes: Sequence[Shape],
             writer.writeheader()
         for tp in tps:
             rm = RankModel(torch, model, tp, device, _weight_cycle(model, tp))
-            prov["engine_version"] = f"{torch.__version__} {rm.attention_name()}"
             for shape in shapes:
-                times = time_shape(rm, shape, warmup, reps)
+                times, mode = time_shape(rm, shape, warmup, reps)
+                prov["engine_version"] = (f"{torch.__version__} {rm.attention_name(shape)}, "
+                                          f"{mode}")
                 row = {**shape.aggregates(), "tp": tp, "pp": 1,
                        "measured_s": statistics.median(times), **prov,
                        "spread": (max(times) - min(times)) / statistics.median(times)}
@@ -356,12 +433,16 @@ def compare(csv_path: Path, engine: str = "vllm") -> list[dict[str, Any]]:
 
 def summarise(rows: Sequence[dict[str, Any]],
               big_batch: int = 64) -> dict[tuple[int, str], list[float]]:
-    """Ratios grouped by (tp, prefill | decode < big_batch | decode >= big_batch)."""
+    """Ratios grouped by TP and pass kind: prefill (whole prompts), chunk (prompt chunks after
+    cached tokens), mixed (prompts beside decodes), decode below / from big_batch."""
     out: dict[tuple[int, str], list[float]] = {}
     for r in rows:
-        d = int(r["num_decode_seqs"])
-        kind = ("prefill" if r["num_prefill_tokens"] else
-                f"decode b<{big_batch}" if d < big_batch else f"decode b>={big_batch}")
+        d, p = int(r["num_decode_seqs"]), int(r["num_prefill_tokens"])
+        n_p = int(r["num_prefill_seqs"])
+        whole = p and abs(float(r["prefill_attn_work"]) - p * (p / n_p + 1) / 2) < 0.5
+        kind = (f"decode b<{big_batch}" if not p and d < big_batch else
+                f"decode b>={big_batch}" if not p else
+                ("prefill" if whole else "chunk") + (" + decode" if d else ""))
         out.setdefault((int(r["tp"]), kind), []).append(float(r["ratio"]))
     return out
 
@@ -385,7 +466,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--reps", type=int, default=5)
     r.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
-    r.add_argument("--shapes", choices=("default", "small"), default="default")
+    r.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="default",
+                   help="default: whole prompts and pure decodes; mixed: prompts beside "
+                   "decodes and chunks after cached tokens; small: a dry run")
     c = sub.add_parser("compare", help="probe rows against the bundled profiles' kernel time")
     c.add_argument("csv", type=Path)
     c.add_argument("--engine", default="vllm")
@@ -393,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
-            shapes = default_shapes() if args.shapes == "default" else small_shapes()
+            shapes = SHAPE_SETS[args.shapes]()
             t0 = time.perf_counter()
             for i, row in enumerate(run(args.model, args.tp, args.out, shapes,
                                         args.warmup, args.reps, args.device), 1):

@@ -11,13 +11,22 @@ from pathlib import Path
 import pytest
 
 from calibrate import measurements
-from calibrate.kernel_probe import Shape, check_model, compare, default_shapes, main
+from calibrate.kernel_probe import (
+    Shape,
+    check_model,
+    compare,
+    default_shapes,
+    main,
+    mixed_shapes,
+    summarise,
+)
 from sim.catalog import load_model
 from sim.errors import InputError
 from sim.timing import prefill_attn_work
 
 ROOT = Path(__file__).resolve().parents[2]
 H100_RUN = ROOT / "reports" / "kernel-probe" / "h100_qwen3-32b.csv"
+H100_MIXED = ROOT / "reports" / "kernel-probe" / "h100_qwen3-32b_mixed.csv"
 
 
 def test_aggregates_follow_the_timing_model() -> None:
@@ -25,6 +34,8 @@ def test_aggregates_follow_the_timing_model() -> None:
     a = s.aggregates()
     assert a["num_prefill_tokens"] == 3000 and a["num_prefill_seqs"] == 3
     assert a["prefill_attn_work"] == pytest.approx(3 * prefill_attn_work(1000, 0))
+    chunk = Shape(prefill_seqs=2, prefill_len=512, prefill_ctx=3584).aggregates()
+    assert chunk["prefill_attn_work"] == pytest.approx(2 * prefill_attn_work(512, 3584))
     d = Shape(decode_seqs=8, context=1536).aggregates()
     assert (d["num_decode_seqs"], d["decode_context_tokens"], d["num_prefill_tokens"]) == \
         (8, 8 * 1536, 0)
@@ -55,6 +66,17 @@ def test_committed_h100_run_against_the_bundled_profiles() -> None:
     assert prefill and all(0.65 < r["ratio"] < 1.0 for r in prefill)
 
 
+def test_mixed_passes_are_grouped_by_kind() -> None:
+    """The committed mixed run: every shape of mixed_shapes at TP 1, 2, 4 and 8, grouped as
+    whole prompts beside decodes, chunks after cached tokens, and both."""
+    rows = compare(H100_MIXED)
+    assert len(rows) == 4 * len(mixed_shapes())
+    groups = summarise(rows)
+    assert {kind for _, kind in groups} == {"prefill + decode", "chunk", "chunk + decode"}
+    assert [len(groups[(8, k)]) for k in ("prefill + decode", "chunk", "chunk + decode")] == \
+        [6, 3, 1]
+
+
 def test_compare_names_a_file_with_no_matching_profile(tmp_path: Path, capsys) -> None:
     df = measurements.read(H100_RUN).head(2).assign(gpu="b300")
     path = measurements.write(df, tmp_path / "other.csv")
@@ -73,10 +95,12 @@ def test_probe_runs_on_pytorch_and_writes_rows(tmp_path: Path) -> None:
            "--warmup", "0", "--reps", "1", "--out", str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "[2/2] tp 2" in done.stdout
+    assert "[3/3] tp 2" in done.stdout
     df = measurements.read(out)
-    assert len(df) == 2 and (df["measured_s"] > 0).all() and (df["tp"] == 2).all()
-    assert df["engine_version"].str.endswith("sdpa-default").all()
+    assert len(df) == 3 and (df["measured_s"] > 0).all() and (df["tp"] == 2).all()
+    assert df["engine_version"].str.endswith("sdpa-default, eager").all()
+    mixed = df.iloc[2]  # a chunk after cached tokens beside two decoders
+    assert (mixed["num_prefill_tokens"], mixed["num_decode_seqs"]) == (8, 2)
     # the packed decode attention equals attention with each KV head repeated per query head
     check = (
         "import torch, torch.nn.functional as F\n"
@@ -88,8 +112,18 @@ def test_probe_runs_on_pytorch_and_writes_rows(tmp_path: Path) -> None:
         "packed = packed_decode_attention(F, q.reshape(b, nq * hd), k, v)\n"
         "ref = F.scaled_dot_product_attention(q, k.repeat_interleave(nq // nkv, 1),\n"
         "                                     v.repeat_interleave(nq // nkv, 1))\n"
-        "print(float((packed.reshape(b, nq * hd) - ref.reshape(b, nq * hd)).abs().max()))\n")
+        "print(float((packed.reshape(b, nq * hd) - ref.reshape(b, nq * hd)).abs().max()))\n"
+        # a chunk of the last n tokens after c cached equals those rows of causal attention
+        # over all c + n tokens
+        "from calibrate.kernel_probe import chunk_attention\n"
+        "n, c = 5, 11\n"
+        "qf = torch.randn(b, nq, c + n, hd)\n"
+        "kf = torch.randn(b, nkv, c + n, hd); vf = torch.randn(b, nkv, c + n, hd)\n"
+        "full = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True)\n"
+        "part = chunk_attention(F, qf[:, :, c:], kf, vf)\n"
+        "print(float((part - full[:, :, c:]).abs().max()))\n")
     done = subprocess.run([str(engine.python), "-c", check], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout) < 1e-5
+    errors = [float(v) for v in done.stdout.split()]
+    assert len(errors) == 2 and max(errors) < 1e-5
