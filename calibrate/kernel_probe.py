@@ -121,7 +121,15 @@ def small_shapes() -> list[Shape]:
             Shape(prefill_seqs=1, prefill_len=8, prefill_ctx=8, decode_seqs=2, context=24)]
 
 
-SHAPE_SETS = {"default": default_shapes, "mixed": mixed_shapes, "small": small_shapes}
+def sweep_shapes() -> list[Shape]:
+    """One prompt of n tokens for n in fine steps around 1,024 and 4,096: how a pass's time
+    steps with its row count (the GEMMs' tiles and waves)."""
+    return [Shape(prefill_seqs=1, prefill_len=n)
+            for n in (*range(960, 1217, 8), *range(3968, 4225, 16))]
+
+
+SHAPE_SETS = {"default": default_shapes, "mixed": mixed_shapes, "sweep": sweep_shapes,
+              "small": small_shapes}
 
 
 def check_model(model: ModelSpec) -> None:
@@ -468,7 +476,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     r.add_argument("--shapes", choices=tuple(SHAPE_SETS), default="default",
                    help="default: whole prompts and pure decodes; mixed: prompts beside "
-                   "decodes and chunks after cached tokens; small: a dry run")
+                   "decodes and chunks after cached tokens; sweep: one prompt of 960-1,216 "
+                   "and 3,968-4,224 tokens in small steps; small: a dry run")
     c = sub.add_parser("compare", help="probe rows against the bundled profiles' kernel time")
     c.add_argument("csv", type=Path)
     c.add_argument("--engine", default="vllm")
