@@ -66,10 +66,6 @@ class Shape:
         return self.prefill_seqs > 0
 
     @property
-    def is_decode_only(self) -> bool:
-        return self.prefill_seqs == 0
-
-    @property
     def prefill_rows(self) -> int:
         return self.prefill_seqs * self.prefill_len
 
@@ -394,10 +390,9 @@ def run(model_name: str, tps: Sequence[int], out: Path, shapes: Sequence[Shape],
 
 
 # ------------------------------------------------------------------ compare with a profile
-def predicted_kernels_s(profile_path: Path, row: dict[str, Any]) -> tuple[float, dict[str, float]]:
-    """The bundled profile's step time for the row, less what the probe does not run: the
-    all-reduce and the host part of the overheads (the profile's provenance keeps the two
-    overheads apart; the kernel part stays)."""
+def profile_timing(profile_path: Path, row: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The bundled profile's timing model for the row's GPU, model, TP and dtype, and the
+    host overhead its provenance records (empty for none)."""
     from sim.catalog import load_gpu
     from sim.timing import RooflineTiming
 
@@ -405,13 +400,19 @@ def predicted_kernels_s(profile_path: Path, row: dict[str, Any]) -> tuple[float,
     from .profile import load_profile
     profile, meta = load_profile(profile_path)
     prov = meta.get("provenance") or {}
-    model = load_model(str(row["model"]))
-    timing = RooflineTiming(model, load_gpu(SYSTEM_GPU[str(row["gpu"])]), int(row["tp"]),
-                            str(row["dtype"]), profile)
+    timing = RooflineTiming(load_model(str(row["model"])), load_gpu(SYSTEM_GPU[str(row["gpu"])]),
+                            int(row["tp"]), str(row["dtype"]), profile)
+    return timing, prov.get("host_overhead") or {}
+
+
+def predicted_kernels_s(timing: Any, host: dict[str, Any],
+                        row: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    """The profile's step time for the row, less what the probe does not run: the all-reduce
+    and the host part of the overheads (the profile's provenance keeps the two overheads
+    apart; the kernel part stays)."""
     parts = timing.breakdown(int(row["num_prefill_tokens"]), float(row["prefill_attn_work"]),
                              int(row["num_prefill_seqs"]), int(row["num_decode_seqs"]),
                              int(row["decode_context_tokens"]))
-    host = prov.get("host_overhead") or {}
     seqs = int(row["num_prefill_seqs"]) + int(row["num_decode_seqs"])
     parts["overhead"] -= float(host.get("step_s", 0.0)) + float(host.get("per_seq_s", 0.0)) * seqs
     parts.pop("allreduce")
@@ -426,13 +427,17 @@ def compare(csv_path: Path, engine: str = "vllm") -> list[dict[str, Any]]:
     df = measurements.read(csv_path)
     profiles = bundled_profiles(PROFILE_DIR)
     out: list[dict[str, Any]] = []
+    timings: dict[Path, tuple[Any, dict[str, Any]]] = {}  # one per profile, not per row
     for raw in df.to_dict("records"):
         rec = {str(k): v for k, v in raw.items()}
         match = [p for p in profiles if p.system == rec["gpu"] and p.backend == engine
                  and p.model == rec["model"] and p.tp == rec["tp"] and p.dtype == rec["dtype"]]
         if not match:
             continue
-        pred, parts = predicted_kernels_s(match[0].path, rec)
+        path = match[0].path
+        if path not in timings:
+            timings[path] = profile_timing(path, rec)
+        pred, parts = predicted_kernels_s(*timings[path], rec)
         out.append({**rec, "profile": match[0].path.name, "pred_s": pred,
                     "ratio": pred / rec["measured_s"],
                     **{f"pred_{k}_s": v for k, v in parts.items()}})
@@ -445,14 +450,18 @@ def summarise(rows: Sequence[dict[str, Any]],
     cached tokens), mixed (prompts beside decodes), decode below / from big_batch."""
     out: dict[tuple[int, str], list[float]] = {}
     for r in rows:
-        d, p = int(r["num_decode_seqs"]), int(r["num_prefill_tokens"])
-        n_p = int(r["num_prefill_seqs"])
-        whole = p and abs(float(r["prefill_attn_work"]) - p * (p / n_p + 1) / 2) < 0.5
-        kind = (f"decode b<{big_batch}" if not p and d < big_batch else
-                f"decode b>={big_batch}" if not p else
-                ("prefill" if whole else "chunk") + (" + decode" if d else ""))
-        out.setdefault((int(r["tp"]), kind), []).append(float(r["ratio"]))
+        out.setdefault((int(r["tp"]), pass_kind(r, big_batch)), []).append(float(r["ratio"]))
     return out
+
+
+def pass_kind(r: dict[str, Any], big_batch: int = 64) -> str:
+    """prefill (whole prompts), chunk (after cached tokens), either + decode, or decode
+    below / from big_batch sequences."""
+    d, p = int(r["num_decode_seqs"]), int(r["num_prefill_tokens"])
+    if not p:
+        return f"decode b<{big_batch}" if d < big_batch else f"decode b>={big_batch}"
+    whole = abs(float(r["prefill_attn_work"]) - p * (p / int(r["num_prefill_seqs"]) + 1) / 2)
+    return ("prefill" if whole < 0.5 else "chunk") + (" + decode" if d else "")
 
 
 # ------------------------------------------------------------------ command line
@@ -500,8 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "(gpu, model, tp, dtype)")
             return 1
         for r_ in rows:
-            kind = "prefill" if r_["num_prefill_tokens"] else "decode"
-            print(f"tp {r_['tp']} {kind:7} p {r_['num_prefill_tokens']:5} d "
+            print(f"tp {r_['tp']} {pass_kind(r_):16} p {r_['num_prefill_tokens']:5} d "
                   f"{r_['num_decode_seqs']:4} ctx {r_['decode_context_tokens']:7}: measured "
                   f"{r_['measured_s'] * 1e3:8.2f} ms, predicted {r_['pred_s'] * 1e3:8.2f} ms, "
                   f"ratio {r_['ratio']:.3f}")

@@ -193,10 +193,6 @@ class LoopProtocol:
         return f"mean over {who}; {n}{budget}"
 
 
-def requests_for(concurrency: int) -> int:
-    return LoopProtocol().requests(concurrency)
-
-
 def predict_row(row: Row, profiles: Sequence[BundledProfile],
                 num_requests: int | None = None,
                 protocol: LoopProtocol | None = None) -> Prediction:
