@@ -69,6 +69,21 @@ class RecordWriter:
 
 
 _KEY_JSON: dict[str, str] = {}
+_STR_JSON: dict[str, str] = {}  # strings records repeat (endpoint, status, reason)
+
+
+def _float_list(v: list[float]) -> str:
+    # token times come in runs (the events of one socket read share its time): each
+    # value is formatted once per run
+    out: list[str] = []
+    prev: float | None = None
+    text = ""
+    for x in v:
+        if x != prev:
+            text = "%.6f" % x if math.isfinite(x) else "null"  # noqa: UP031
+            prev = x
+        out.append(text)
+    return "[" + ",".join(out) + "]"
 
 
 def encode_record(record: Mapping[str, Any]) -> str:
@@ -85,8 +100,14 @@ def encode_record(record: Mapping[str, Any]) -> str:
             text = "%.6f" % v if math.isfinite(v) else "null"  # noqa: UP031 - the fastest
         elif t is int or v is None:
             text = "null" if v is None else str(v)
+        elif t is str:
+            text = _STR_JSON.get(v)  # type: ignore[assignment]
+            if text is None:
+                text = json.dumps(v)
+                if len(_STR_JSON) < 4096 and len(v) < 200:
+                    _STR_JSON[v] = text
         elif t is list and v and type(v[0]) is float:
-            text = "[" + ",".join(["%.6f" % x for x in v]) + "]"  # noqa: UP031
+            text = _float_list(v)
         else:
             text = json.dumps(v)
         parts.append(key + text)

@@ -61,6 +61,14 @@ def test_encode_record_is_json_with_microsecond_times():
                                                                             "e": 'say "hi"'}
 
 
+def test_encode_record_formats_runs_of_equal_times_like_single_ones():
+    # times of one socket read repeat; each run is formatted once, NaN is null
+    times = [0.5] * 3 + [1.0000004] * 2 + [math.nan, math.nan, 2.25, 2.25]
+    back = json.loads(encode_record({"event_times_s": times, "e": "é", "e2": "é"}))
+    assert back["event_times_s"] == [0.5] * 3 + [1.0] * 2 + [None, None, 2.25, 2.25]
+    assert back["e"] == back["e2"] == "é"
+
+
 def test_read_records_skips_a_truncated_last_line_and_says_so(tmp_path):
     path = tmp_path / "records.jsonl"
     lines = [encode_record(make_row(i)) for i in range(2)]
