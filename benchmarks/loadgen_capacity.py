@@ -18,21 +18,29 @@ of the requests alone (lag gets worse). The server's CPU says how close the twin
 its own ceiling. Client and server share this machine's cores with whatever else runs:
 on a shared 2-core machine, run it when nothing else does.
 
-Measured (2 vCPU Xeon VM, Python 3.11.7, aiohttp 3.14.5, quiet machine), 8 s per rate:
+``--client both`` runs each rate through the raw client (verify/http1.py, the default)
+and then through aiohttp, for an A/B in one run.
 
-       rate  ok req/s  tokens/s  lag p50  lag p99  lag max  client  server reads/req
-        500       505    25,247  0.099ms  0.732ms   2.72ms    47%    32%       4.1
-       1000     1,017    50,859  0.081ms  0.659ms   1.80ms    71%    50%       4.3
-       2000     2,014   100,695  0.157ms  1.466ms   5.06ms    92%    78%       4.5
-       3000     3,009   150,464  0.548ms 10.167ms  27.57ms    99%    94%       3.8
+Measured 2026-11-27 (2 vCPU Xeon VM, Python 3.11.7, aiohttp 3.14.5), ``--client both``, 6 s
+per rate, the first of three runs in a row:
 
-``--no-stage`` starts each request at its deadline instead of staging it ahead (A/B for
-verify.loadgen's staging). Rerun 2026-11-27, staged / unstaged alternating: at 1,000 req/s
-p99 1.6-3.3 / 3.1-5.4 ms; at 2,000 req/s both saturated (client 90-99 %, server 90-96 %),
-p99 18-77 / 78-154 ms.
+ client    rate  ok req/s  tokens/s  lag p50  lag p99  lag max  client  server reads/req
+    raw     500       505    25,266  0.007ms  1.362ms   2.23ms    32%    31%       4.0
+aiohttp     500       505    25,266  0.009ms  1.660ms   3.10ms    39%    32%       4.0
+    raw    1000     1,019    50,928  0.010ms  1.055ms   2.58ms    47%    50%       4.2
+aiohttp    1000     1,019    50,929  0.064ms  1.157ms   2.32ms    56%    51%       4.3
+    raw    2000     2,022   101,104  0.092ms  1.033ms   3.01ms    59%    75%       4.7
+aiohttp    2000     2,022   101,100  0.269ms  2.142ms   5.36ms    76%    75%       4.7
+    raw    3000     3,009   150,464  0.217ms  1.555ms   5.81ms    67%    92%       4.3
+aiohttp    3000     3,009   150,457  0.592ms  3.886ms  12.51ms    90%    89%       4.3
 
-With ``--no-spin`` at 2,000 req/s the client used 74 % of a core (~370 us per request,
-most of it aiohttp and asyncio); uvloop measured no better (p99 2.6 ms at 2,000 req/s).
+Over the three runs, p99 lag at 2,000 req/s: raw 1.03 / 1.06 / 1.16 ms, aiohttp 2.14 / 2.58
+/ 2.39 ms; at 3,000 req/s raw 1.56 / 1.91 / 2.66 ms, aiohttp 3.9 / 13.2 / 9.5 ms. With
+``--no-spin`` at 2,000 req/s the raw client used 60-62 % of a core (~0.3 ms per request,
+most of it asyncio's loop and the ~4.7 socket reads a request takes), aiohttp 77-79 %.
+uvloop (0.23, a scratch venv) with the raw client and ``--no-spin``: p99 0.77-0.83 ms at
+2,000 req/s, lag p50 0.003 ms, but client CPU 84 % against asyncio's 60-61 % in the same
+alternation; not worth a dependency.
 
 Targets (the load generator's design brief): at some rate >= 2,000 req/s and >= 100,000
 streamed tokens/s, p99 schedule lag <= 2 ms, no errors. Exit 1 if no rate meets them
@@ -72,7 +80,8 @@ def _self_cpu_s() -> float:
 
 
 def run_rate(url: str, server_pid: int, rate: float, duration_s: float, prompt_tokens: int,
-             output_tokens: int, out_dir: Path, seed: int) -> dict[str, Any]:
+             output_tokens: int, out_dir: Path, seed: int, client: str = "raw"
+             ) -> dict[str, Any]:
     import numpy as np
 
     from sim.workload import synthesize
@@ -89,7 +98,8 @@ def run_rate(url: str, server_pid: int, rate: float, duration_s: float, prompt_t
     plan = plan_from_trace(trace, PromptBuilder(seed, 16))
     shutil.rmtree(out_dir, ignore_errors=True)
     c0, s0, w0 = _self_cpu_s(), _proc_cpu_s(server_pid), time.perf_counter()
-    summary = run_replay(plan, [url], "servetwin-twin", out_dir, stall_timeout_s=30.0)
+    summary = run_replay(plan, [url], "servetwin-twin", out_dir, stall_timeout_s=30.0,
+                         client=client)
     wall = time.perf_counter() - w0
     c1, s1 = _self_cpu_s(), _proc_cpu_s(server_pid)
     dur = summary.duration_s
@@ -132,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stage", action="store_true",
                    help="no staging: each request is started at its deadline (connection, "
                    "headers and body then), as before staging was built")
+    p.add_argument("--client", default="raw",
+                   help="the load generator's HTTP client: raw (verify/http1.py, the "
+                   "default), aiohttp, or both (alternating at each rate, A/B)")
     p.add_argument("--no-check", action="store_true", help="exit 0 whatever the figures")
     args = p.parse_args(argv)
     rates = [float(x) for x in args.rates.split(",") if x.strip()]
@@ -150,23 +163,30 @@ def main(argv: list[str] | None = None) -> int:
     with TwinProcess("--step-ms", str(args.step_ms), "--tick-ms", str(args.tick_ms),
                      "--max-num-seqs", "4096", "--max-num-batched-tokens", "1000000") as tw:
         print(f"twin server pid {tw.pid} at {tw.url}\n")
-        print(f"{'rate':>7} {'ok req/s':>9} {'tokens/s':>9} {'lag p50':>8} {'lag p99':>8} "
-              f"{'lag max':>8} {'client':>7} {'server':>7} {'reads/req':>9} {'errors':>7}")
+        print(f"{'client':>7} {'rate':>7} {'ok req/s':>9} {'tokens/s':>9} {'lag p50':>8} "
+              f"{'lag p99':>8} {'lag max':>8} {'client':>7} {'server':>7} {'reads/req':>9} "
+              f"{'errors':>7}")
+        clients = ["raw", "aiohttp"] if args.client == "both" else [args.client]
         for i, rate in enumerate(rates):
-            r = run_rate(tw.url, tw.pid, rate, args.duration, args.prompt_tokens,
-                         args.output_tokens, tmp / f"rate-{i}", args.seed + i)
-            results.append(r)
-            print(f"{rate:7.0f} {r['req_per_s']:9,.0f} {r['tokens_per_s']:9,.0f} "
-                  f"{r['lag_p50_s'] * 1e3:6.3f}ms {r['lag_p99_s'] * 1e3:6.3f}ms "
-                  f"{r['lag_max_s'] * 1e3:6.2f}ms {r['client_cpu']:6.0%} "
-                  f"{r['server_cpu']:6.0%} {r['reads_per_request']:9.1f} {r['errors']:7,d}"
-                  + (f"  ({r['error_kinds']})" if r["errors"] else ""), flush=True)
+            for client in clients:
+                r = run_rate(tw.url, tw.pid, rate, args.duration, args.prompt_tokens,
+                             args.output_tokens, tmp / f"rate-{i}-{client}", args.seed + i,
+                             client)
+                r["client"] = client
+                results.append(r)
+                print(f"{client:>7} {rate:7.0f} {r['req_per_s']:9,.0f} "
+                      f"{r['tokens_per_s']:9,.0f} {r['lag_p50_s'] * 1e3:6.3f}ms "
+                      f"{r['lag_p99_s'] * 1e3:6.3f}ms {r['lag_max_s'] * 1e3:6.2f}ms "
+                      f"{r['client_cpu']:6.0%} {r['server_cpu']:6.0%} "
+                      f"{r['reads_per_request']:9.1f} {r['errors']:7,d}"
+                      + (f"  ({r['error_kinds']})" if r["errors"] else ""), flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     ok = [r for r in results if meets(r)]
     print()
     if ok:
         best = max(ok, key=lambda r: r["req_per_s"])
-        print(f"targets met at {best['rate']:.0f} req/s: {best['req_per_s']:,.0f} req/s, "
+        print(f"targets met at {best['rate']:.0f} req/s ({best['client']} client): "
+              f"{best['req_per_s']:,.0f} req/s, "
               f"{best['tokens_per_s']:,.0f} tokens/s, p99 lag {best['lag_p99_s'] * 1e3:.3f} ms")
         return 0
     print(f"targets NOT met (>= {TARGET_REQ_PER_S:,.0f} req/s, >= {TARGET_TOKENS_PER_S:,.0f} "

@@ -49,6 +49,9 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--stall-timeout", type=float, default=120.0, metavar="S",
                    help="a stream with no event for this long is recorded as an error")
     v.add_argument("--scrape-interval", type=float, default=0.5, metavar="S")
+    v.add_argument("--http-client", choices=("raw", "aiohttp"), default="raw",
+                   help="the load generator's HTTP client: raw (its own HTTP/1.1 on asyncio "
+                   "transports, ~4x less CPU per request) or aiohttp")
     v.add_argument("--warmup", type=int, default=2, metavar="N",
                    help="warm-up requests per endpoint before each replay")
     v.add_argument("--seed", type=int, default=0, help="seed of the prompts' token content")
@@ -100,7 +103,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
         warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,
-        only=args.only)
+        only=args.only, http_client=args.http_client)
     out = _run_dir(Path("reports"), "verify", args.out)
     result = verify(Path(args.shortlist), out, opts)
     print(format_comparison(result.comparison))

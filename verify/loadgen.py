@@ -1,6 +1,6 @@
 """The load generator: replay a plan of requests against OpenAI-compatible endpoints.
 
-asyncio + aiohttp, one process. Open loop by default: every request has an absolute
+asyncio, one process. Open loop by default: every request has an absolute
 send time (trace arrival x scale) and the dispatcher sleeps to it, so a slow server
 cannot slow the arrivals (the relative-sleep drift of vllm-project/vllm#21104). Closed
 loop on request: N users, each sending its next request when the previous one ends.
@@ -24,17 +24,25 @@ Errors and what a record says (``error``, its kind before the first colon):
     usage mismatch: ...                 usage disagrees with the plan; timings kept
     cancelled                           the replay was cancelled (Ctrl-C) mid-request
 
-Open-loop requests are staged ahead of their deadline and written at it (``_GatedBody``),
-so a burst of requests stamped with one time leaves within a fraction of a millisecond.
+Open-loop requests are staged ahead of their deadline (connection taken or opened, bytes
+ready) and written at it, so a burst of requests stamped with one time leaves within a
+fraction of a millisecond.
 
-Hot path. One client process spends ~0.4 ms of CPU per request: against the twin server
-on loopback (benchmarks/loadgen_capacity.py) 2,000 req/s and 100,000 streamed tokens/s
-saturate a core of the 2-core CI machine (p99 lag there 18-77 ms; at 1,000 req/s 1.6-3.3
-ms). So the work per socket read is one clock read (events of one read share its time) and
-a few substring scans of the bytes: a read that holds only compact token events (plus the
-final usage chunk and [DONE]) is counted without a Python step per event; anything else
-is parsed event by event (``json.loads``). Stalls are found by a watchdog task looking at
-each stream's last read, not by aiohttp's per-read timer.
+Two HTTP clients. ``client="raw"`` (the default) is verify/http1.py: a connection is an
+asyncio protocol whose callback de-frames the response and counts its SSE events as the
+bytes arrive, so no task wakes per socket read; the request's task only waits for the
+connection, the gate and the end. ``client="aiohttp"`` goes through ``ClientSession``.
+Both write the same records and take the same faults (tests/verify/test_faults.py runs
+each fault through both). Against the twin server on loopback
+(benchmarks/loadgen_capacity.py --client both) the raw client holds p99 schedule lag near
+1 ms at 2,000 req/s where aiohttp's lag is 2-8 ms, with a fifth less CPU.
+
+Hot path, either client: the work per socket read is one clock read (events of one read
+share its time) and a few substring scans of the bytes (``StreamState.feed``): a read
+that holds only compact token events (plus the final usage chunk and [DONE]) is counted
+without a Python step per event; anything else is parsed event by event (``json.loads``).
+Stalls are found by a watchdog task looking at each stream's last read, not by a timer
+per read.
 """
 
 from __future__ import annotations
@@ -63,9 +71,10 @@ from sim.request import Request
 from sim.router import make_router
 from sim.workload import Trace
 
+from . import http1
 from .prompts import FixedPrompt, HashIds, Prompt, PromptBuilder
 from .records import META_FILE, RECORD_KEYS, RECORDS_FILE, RecordWriter, write_meta
-from .sse import SlowState, finish_reason, short, slow_events
+from .sse import StreamState, finish_reason, short
 
 SUMMARY_FILE = "replay_summary.json"
 # the dispatcher sleeps to SPIN_S before a deadline, then yields to the loop until it
@@ -86,6 +95,7 @@ RESERVED_BODY_KEYS = ("prompt", "max_tokens", "min_tokens")
 # tenth of the client's CPU per request at 2,000 req/s (py-spy, 64-token prompts)
 PREBUILD_MAX_TOKENS = 16_000_000
 _STALLED = "servetwin: stalled stream"  # the watchdog's cancel message
+CLIENTS = ("raw", "aiohttp")  # raw: verify/http1.py (the default); aiohttp: ClientSession
 
 ProgressFn = Callable[[int, int, int], None]
 
@@ -275,6 +285,72 @@ async def _sleep_until(at: float, spin: float = SPIN_S) -> None:
         await asyncio.sleep(left - spin if left > spin else 0)
 
 
+class _RawStream(http1.Exchange):
+    """A request's response as verify/http1.py delivers it: the SSE events counted in the
+    connection's callback (``StreamState.feed``); ``fut`` resolves when the record can be
+    written (``[DONE]``, an error, the response's or the connection's end)."""
+
+    __slots__ = ("end_s", "err_body", "error", "fut", "st", "status", "t0")
+
+    def __init__(self, st: StreamState, t0: float, fut: asyncio.Future[None]) -> None:
+        super().__init__()
+        self.st = st
+        self.t0 = t0
+        self.fut = fut
+        self.status: int | None = None
+        self.error: str | None = None
+        self.err_body = b""
+        self.end_s = 0.0
+
+    def _over(self, error: str | None) -> None:
+        if not self.fut.done():
+            self.end_s = time.perf_counter() - self.t0
+            self.error = error
+            self.fut.set_result(None)
+
+    def abandon(self) -> None:
+        """Done with the response before its end (cancelled, stalled): the connection
+        goes, since the rest of the response would still come on it."""
+        if self.conn is not None:
+            self.conn.detach(self)
+
+    def on_head(self, status: int, headers: dict[bytes, bytes]) -> None:
+        self.status = status
+        self.st.last_s = time.perf_counter() - self.t0
+
+    def on_body(self, data: bytes) -> None:
+        if self.fut.done():
+            return  # after [DONE]: the end of the message, read so the connection is reused
+        st = self.st
+        if self.status != 200:
+            st.last_s = time.perf_counter() - self.t0
+            self.err_body += data
+            if len(self.err_body) >= 400:
+                self._over(self._http_error())
+                self.abandon()
+            return
+        if st.feed(data, time.perf_counter() - self.t0):
+            self._over(st.error)
+            if st.error is not None:
+                self.abandon()
+
+    def on_end(self) -> None:
+        if self.status != 200:
+            self._over(self._http_error())
+        else:
+            self._over(f"incomplete stream: ended without [DONE] after {self.st.n} events")
+
+    def on_lost(self, reason: str) -> None:
+        if self.status is not None and self.status != 200:
+            self._over(self._http_error())
+        else:
+            self._over(f"connection reset: after {self.st.n} events ({short(reason, 80)})")
+
+    def _http_error(self) -> str:
+        return (f"HTTP {self.status}: "
+                f"{short(self.err_body[:400].decode('utf-8', 'replace'))}")
+
+
 # -------------------------------------------------------------------------- replay
 class Replay:
     """One replay. ``await run()``; after it returns or is cancelled ``summary`` holds
@@ -287,7 +363,7 @@ class Replay:
                  stall_timeout_s: float = 60.0, connect_timeout_s: float = 10.0,
                  extra_body: Mapping[str, Any] | None = None,
                  progress: ProgressFn | None = None, exporter_port: int | None = None,
-                 meta: Mapping[str, Any] | None = None) -> None:
+                 meta: Mapping[str, Any] | None = None, client: str = "raw") -> None:
         if not endpoints:
             raise InputError("replay", "no endpoint given", "give at least one base URL")
         if closed_loop_concurrency is not None and closed_loop_concurrency < 1:
@@ -296,6 +372,9 @@ class Replay:
         if not stall_timeout_s > 0:
             raise InputError("replay", f"stall_timeout_s = {stall_timeout_s}: must be > 0",
                              "give a positive timeout")
+        if client not in CLIENTS:
+            raise InputError("replay", f"client = {client!r}: unknown",
+                             f"choose one of {', '.join(CLIENTS)}")
         bad = sorted(set(extra_body or {}) & set(RESERVED_BODY_KEYS))
         if bad:
             raise InputError("replay", f"extra_body sets {', '.join(bad)}",
@@ -303,6 +382,12 @@ class Replay:
         self.plan = sorted(plan, key=lambda p: p.intended_s)
         self.endpoints = [EndpointState(i, e) for i, e in enumerate(endpoints)]
         self._urls = [URL(completions_url(e)) for e in endpoints]
+        try:
+            self._targets = [http1.Target(completions_url(e)) for e in endpoints]
+        except ValueError as e:
+            raise InputError("replay", str(e), "give base URLs like http://host:port") from None
+        self.client = client
+        self._pool: http1.Pool | None = None
         self.model = model
         self.out_dir = Path(out_dir)
         self.router = make_router(router, dict(router_params or {}), len(endpoints),
@@ -326,7 +411,7 @@ class Replay:
         self._session: aiohttp.ClientSession | None = None
         self._exporter: _Exporter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._live: dict[asyncio.Task[Any], SlowState] = {}  # requests in flight
+        self._live: dict[asyncio.Task[Any], StreamState] = {}  # requests in flight
         self._lags: list[float] = []
         self._errors: Counter[str] = Counter()
         self._num_ok = 0
@@ -354,13 +439,17 @@ class Replay:
         gc.collect()
         gc.freeze()
         self._writer = RecordWriter(records_path)
-        connector = aiohttp.TCPConnector(limit=0, force_close=self.force_close)
-        # no sock_read timeout: aiohttp would re-arm a timer on every socket read; the
-        # stall watchdog looks at each stream's last read instead
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)
         try:
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  read_bufsize=4 << 20)
+            if self.client == "aiohttp":
+                # no sock_read timeout: aiohttp would re-arm a timer on every socket read;
+                # the stall watchdog looks at each stream's last read instead
+                self._session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, force_close=self.force_close),
+                    timeout=aiohttp.ClientTimeout(total=None,
+                                                  sock_connect=self.connect_timeout_s),
+                    read_bufsize=4 << 20)
+            else:
+                self._pool = http1.Pool(self.connect_timeout_s)
             if self.exporter_port is not None:
                 self._exporter = _Exporter()
                 await self._exporter.start(self.exporter_port)
@@ -388,6 +477,8 @@ class Replay:
             gc.unfreeze()
             if self._session is not None:
                 await self._session.close()
+            if self._pool is not None:
+                self._pool.close()
             if self._exporter is not None:
                 await self._exporter.stop()
             self._writer.close()
@@ -409,7 +500,9 @@ class Replay:
             "stall_timeout_s": self.stall_timeout_s,
             "force_close": self.force_close,
             "body_fields": json.loads("{" + self._body_tail),
-            "client": f"python {platform.python_version()}, aiohttp {aiohttp.__version__}",
+            "client": (f"python {platform.python_version()}, "
+                       + (f"aiohttp {aiohttp.__version__}" if self.client == "aiohttp"
+                          else "verify/http1.py on asyncio transports")),
             "record_keys": list(RECORD_KEYS),
             **self.meta,
         }
@@ -498,7 +591,11 @@ class Replay:
         ep.num_sent += 1
         if self._exporter is not None:
             self._exporter.inflight.inc()
-        task = loop.create_task(self._one(p, _GatedBody(body, gate, self.t0), w, intended_s))
+        if self.client == "aiohttp":
+            coro = self._one(p, _GatedBody(body, gate, self.t0), w, intended_s)
+        else:
+            coro = self._one_raw(p, body, gate, w, intended_s)
+        task = loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -521,16 +618,14 @@ class Replay:
     # ---------------------------------------------------------------- request
     async def _one(self, p: PlannedRequest, body: _GatedBody, w: int,
                    intended_s: float) -> None:
+        """One request through aiohttp (``client="aiohttp"``)."""
         pc = time.perf_counter
         t0 = self.t0
-        times: list[float] = []
-        n = 0  # token events
-        seen = 0  # SSE events of any kind
         status: int | None = None
         error: str | None = None
         assert self._session is not None
         t = pc() - t0  # staged now; sent when the body goes out (body.sent_s)
-        st = SlowState(t)
+        st = StreamState(t)
         task = asyncio.current_task()
         assert task is not None
         self._live[task] = st
@@ -544,66 +639,24 @@ class Replay:
                     error = f"HTTP {status}: {short(head.decode('utf-8', 'replace'))}"
                 else:
                     content = resp.content
-                    rem = b""
                     while True:
                         chunk = await content.readany()
-                        st.last_s = t = pc() - t0
+                        t = pc() - t0
                         if not chunk:
-                            error = f"incomplete stream: ended without [DONE] after {n} events"
+                            error = ("incomplete stream: ended without [DONE] after "
+                                     f"{st.n} events")
                             break
-                        if rem:
-                            chunk = rem + chunk
-                        if b"\r" in chunk:
-                            chunk = chunk.replace(b"\r\n", b"\n")
-                        end = chunk.rfind(b"\n\n") + 2
-                        if end == 1:  # no complete event yet
-                            rem = chunk
-                            continue
-                        rem = chunk[end:]
-                        # the usual chunk: compact token events, at the end perhaps the
-                        # usage chunk and [DONE]; the token part is checked with a few scans
-                        # of the bytes instead of a Python step per event
-                        cut = end
-                        tail = chunk.find(b'"choices":[]', 0, end)
-                        if tail < 0:
-                            tail = chunk.find(b"data: [DONE]", 0, end)
-                        if tail >= 0:
-                            cut = chunk.rfind(b"\n\n", 0, tail)
-                            cut = cut + 2 if cut >= 0 else 0
-                        # m events that each start 'data: {"', end '}', hold no other
-                        # newline, carry choices and no usage
-                        m = chunk.count(b'}\n\ndata: {"', 0, cut) + 1
-                        if (cut > 2 and chunk.startswith(b'data: {"')
-                                and chunk.endswith(b"}\n\n", 0, cut)
-                                and chunk.count(b"\n", 0, cut) == 2 * m
-                                and chunk.count(b'"choices":[{', 0, cut) == m
-                                and chunk.find(b'"usage":{', 0, cut) < 0):
-                            k = m
-                            st.last_token = chunk[chunk.rfind(b"\n\n", 0, cut - 2) + 2:cut - 2]
-                        else:
-                            k = m = 0
-                            cut = 0
-                        if cut < end:
-                            k += slow_events(chunk[cut:end - 2].split(b"\n\n"), seen + m, st)
-                            m = chunk.count(b"\n\n", 0, end)
-                        seen += m
-                        if k:
-                            times += [t] * k
-                            n += k
-                        if st.error:
+                        if st.feed(chunk, t):
                             error = st.error
-                            break
-                        if st.done:
                             break
         except asyncio.CancelledError as e:
             t = pc() - t0
             if e.args != (_STALLED,):
                 del self._live[task]
-                self._record(p, w, intended_s, body.sent_s, t, times, n, status, st,
-                             "cancelled")
+                self._record(p, w, intended_s, body.sent_s, t, status, st, "cancelled")
                 raise
             task.uncancel()
-            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {n} events)"
+            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {st.n} events)"
         except aiohttp.ConnectionTimeoutError:
             t = pc() - t0
             error = f"connect: timeout after {self.connect_timeout_s:g} s"
@@ -612,17 +665,73 @@ class Replay:
             error = f"connect: {short(str(e))}"
         except TimeoutError:
             t = pc() - t0
-            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {n} events)"
+            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {st.n} events)"
         except aiohttp.ServerDisconnectedError:
             t = pc() - t0
-            error = f"connection reset: server disconnected after {n} events"
+            error = f"connection reset: server disconnected after {st.n} events"
         except (aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionError) as e:
             t = pc() - t0
-            error = f"connection reset: after {n} events ({short(str(e), 80)})"
+            error = f"connection reset: after {st.n} events ({short(str(e), 80)})"
         except Exception as e:  # a record for every request sent, whatever went wrong
             t = pc() - t0
             error = f"client error: {type(e).__name__}: {short(str(e))}"
         del self._live[task]
+        self._finish(p, w, intended_s, body.sent_s, t, status, st, error)
+
+    async def _one_raw(self, p: PlannedRequest, body: bytes, gate: asyncio.Future[None] | None,
+                       w: int, intended_s: float) -> None:
+        """One request on verify/http1.py: the connection taken (or opened) while staged,
+        the whole request written at the gate, the stream counted by the connection's
+        callbacks (``_RawStream``); this task only waits for its end."""
+        pc = time.perf_counter
+        t0 = self.t0
+        pool = self._pool
+        assert pool is not None
+        target = self._targets[w]
+        st = StreamState(pc() - t0)
+        ex = _RawStream(st, t0, asyncio.get_running_loop().create_future())
+        task = asyncio.current_task()
+        assert task is not None
+        self._live[task] = st
+        sent: float | None = None
+        error: str | None = None
+        try:
+            conn = pool.take(target.key) or await pool.connect(target.key)
+            data = target.post(body, f"x-request-id: {p.request_id}\r\n", self.force_close)
+            if gate is not None and not gate.done():
+                await gate
+            if conn.closed:  # the server let an idle connection go while it was staged
+                conn = await pool.connect(target.key)
+            st.last_s = sent = pc() - t0
+            conn.send(ex, data)
+            await ex.fut
+            t = ex.end_s
+            error = ex.error
+        except asyncio.CancelledError as e:
+            t = pc() - t0
+            ex.abandon()
+            if e.args != (_STALLED,):
+                del self._live[task]
+                self._record(p, w, intended_s, sent, t, ex.status, st, "cancelled")
+                raise
+            task.uncancel()
+            error = f"timeout: no event for {self.stall_timeout_s:g} s (after {st.n} events)"
+        except TimeoutError:
+            t = pc() - t0
+            error = f"connect: timeout after {self.connect_timeout_s:g} s"
+        except OSError as e:
+            t = pc() - t0
+            host, port, _ = target.key
+            error = f"connect: cannot connect to {host}:{port}: {short(str(e))}"
+        except Exception as e:  # a record for every request sent, whatever went wrong
+            t = pc() - t0
+            ex.abandon()
+            error = f"client error: {type(e).__name__}: {short(str(e))}"
+        del self._live[task]
+        self._finish(p, w, intended_s, sent, t, ex.status, st, error)
+
+    def _finish(self, p: PlannedRequest, w: int, intended_s: float, sent: float | None,
+                t: float, status: int | None, st: StreamState, error: str | None) -> None:
         if st.last_token and st.reason is None:
             if b'"finish_reason":"length"' in st.last_token:
                 st.reason = "length"
@@ -633,16 +742,17 @@ class Replay:
                     error = error or f"malformed SSE: {short(repr(st.last_token))}"
         if error is None and isinstance(st.usage, dict):
             error = _usage_problem(st.usage, p)
-        self._record(p, w, intended_s, body.sent_s, t, times, n, status, st, error)
+        self._record(p, w, intended_s, sent, t, status, st, error)
 
     def _record(self, p: PlannedRequest, w: int, intended_s: float, sent: float | None,
-                finish: float, times: list[float], n: int, status: int | None,
-                st: SlowState, error: str | None) -> None:
+                finish: float, status: int | None, st: StreamState,
+                error: str | None) -> None:
         """``sent``: when the body went out; None if the request failed before (then the
         record's ``send_s`` is when it failed and no schedule lag is counted)."""
         send = finish if sent is None else sent
         ep = self.endpoints[w]
         ep.num_outstanding -= 1
+        times, n = st.times, st.n
         u = st.usage if isinstance(st.usage, dict) else {}
         details = u.get("prompt_tokens_details") or {}
         rec = {
@@ -712,9 +822,9 @@ async def replay(plan: Sequence[PlannedRequest], endpoints: Sequence[str], model
 
 def run_replay(plan: Sequence[PlannedRequest], endpoints: Sequence[str], model: str,
                out_dir: str | Path, **kwargs: Any) -> ReplaySummary:
-    """``replay`` in its own event loop (asyncio's own: uvloop measured no faster here,
-    benchmarks/loadgen_capacity.py). On Ctrl-C the in-flight requests are recorded as
-    cancelled and the summary says ``cancelled``."""
+    """``replay`` in its own event loop (asyncio's own: uvloop measured no faster with
+    the aiohttp client, benchmarks/loadgen_capacity.py). On Ctrl-C the in-flight requests
+    are recorded as cancelled and the summary says ``cancelled``."""
     r = Replay(plan, endpoints, model, out_dir, **kwargs)
     try:
         return asyncio.run(r.run())

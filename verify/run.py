@@ -67,6 +67,7 @@ class VerifyOptions:
     seed: int = 0  # prompt token content
     force: bool = False  # redo configs that already have done.json
     only: list[str] = field(default_factory=list)  # config_ids to run (default: all)
+    http_client: str = "raw"  # the load generator's: raw (verify/http1.py) or aiohttp
 
 
 @dataclass
@@ -221,6 +222,7 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
             summary = run_replay(plan, endpoints, opts.served_model_name, out_dir,
                                  router=sc.cluster.router.kind, force_close=force_close,
                                  stall_timeout_s=opts.stall_timeout_s,
+                                 client=opts.http_client,
                                  progress=_progress(entry.config_id, say),
                                  meta=trace_meta(resolved_trace, builder, 1.0))
         finally:
@@ -302,7 +304,7 @@ def _warm_up(endpoints: list[str], opts: VerifyOptions, out: Path, force_close: 
                            prompt=rng.integers(400, 32000, 64).tolist(), max_tokens=8)
             for i in range(opts.warmup_requests * len(endpoints))]
     run_replay(plan, endpoints, opts.served_model_name, out, force_close=force_close,
-               stall_timeout_s=opts.ready_timeout_s)
+               stall_timeout_s=opts.ready_timeout_s, client=opts.http_client)
 
 
 def _reset_prefix_cache(endpoints: list[str], engine: str, notes: list[str]) -> None:

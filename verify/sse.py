@@ -21,10 +21,12 @@ class Malformed(Exception):
 IGNORE, TOKEN, OTHER, DONE = 0, 1, 2, 3
 
 
-class SlowState:
-    """What a stream's events said beyond their count."""
+class StreamState:
+    """One stream as read so far: its token events' times and what its events said
+    beyond their count. ``feed`` takes the body bytes of each socket read."""
 
-    __slots__ = ("done", "error", "last_s", "last_token", "reason", "usage")
+    __slots__ = ("done", "error", "last_s", "last_token", "n", "reason", "rem", "seen",
+                 "times", "usage")
 
     def __init__(self, now_s: float) -> None:
         self.last_s = now_s  # when the request was sent or its last bytes came
@@ -33,9 +35,58 @@ class SlowState:
         self.last_token = b""  # the last compact token event, parsed once at the end
         self.reason: str | None = None
         self.usage: Any = None
+        self.times: list[float] = []  # one per token event: the time of its read
+        self.n = 0  # token events
+        self.seen = 0  # SSE events of any kind
+        self.rem = b""  # an event cut by the read
+
+    def feed(self, chunk: bytes, t: float) -> bool:
+        """Count the events of one read at time ``t``; True once the stream is over
+        (``[DONE]``, or ``error`` set).
+
+        The usual read holds compact token events and, at the end, perhaps the usage
+        chunk and [DONE]: the token part is checked with a few scans of the bytes instead
+        of a Python step per event; anything else goes event by event (``slow_events``)."""
+        self.last_s = t
+        if self.rem:
+            chunk = self.rem + chunk
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        end = chunk.rfind(b"\n\n") + 2
+        if end == 1:  # no complete event yet
+            self.rem = chunk
+            return False
+        self.rem = chunk[end:]
+        cut = end
+        tail = chunk.find(b'"choices":[]', 0, end)
+        if tail < 0:
+            tail = chunk.find(b"data: [DONE]", 0, end)
+        if tail >= 0:
+            cut = chunk.rfind(b"\n\n", 0, tail)
+            cut = cut + 2 if cut >= 0 else 0
+        # m events that each start 'data: {"', end '}', hold no other newline, carry
+        # choices and no usage
+        m = chunk.count(b'}\n\ndata: {"', 0, cut) + 1
+        if (cut > 2 and chunk.startswith(b'data: {"') and chunk.endswith(b"}\n\n", 0, cut)
+                and chunk.count(b"\n", 0, cut) == 2 * m
+                and chunk.count(b'"choices":[{', 0, cut) == m
+                and chunk.find(b'"usage":{', 0, cut) < 0):
+            k = m
+            self.last_token = chunk[chunk.rfind(b"\n\n", 0, cut - 2) + 2:cut - 2]
+        else:
+            k = m = 0
+            cut = 0
+        if cut < end:
+            k += slow_events(chunk[cut:end - 2].split(b"\n\n"), self.seen + m, self)
+            m = chunk.count(b"\n\n", 0, end)
+        self.seen += m
+        if k:
+            self.times += [t] * k
+            self.n += k
+        return self.done or self.error is not None
 
 
-def slow_events(events: list[bytes], seen: int, st: SlowState) -> int:
+def slow_events(events: list[bytes], seen: int, st: StreamState) -> int:
     """Events one at a time (a chunk that is not only compact token events); the number
     of token events up to [DONE] or a malformed event (then ``st.error``)."""
     k = 0

@@ -42,10 +42,17 @@ def plan(n: int = 8, max_tokens: int = 6, gap_s: float = 0.005) -> list[PlannedR
             for i in range(n)]
 
 
-def replay_against(flags: list[str], tmp_path: Path, **kwargs: object
+@pytest.fixture(params=["raw", "aiohttp"])
+def client(request: pytest.FixtureRequest) -> str:
+    """Each fault through both of the load generator's HTTP clients."""
+    return str(request.param)
+
+
+def replay_against(flags: list[str], tmp_path: Path, client: str, **kwargs: object
                    ) -> tuple[ReplaySummary, dict[int, dict]]:
     with TwinProcess("--step-ms", "2", *flags) as tw:
-        summary = run_replay(plan(), [tw.url], "twin", tmp_path, **kwargs)  # type: ignore[arg-type]
+        summary = run_replay(plan(), [tw.url], "twin", tmp_path, client=client,
+                             **kwargs)  # type: ignore[arg-type]
     assert tw.proc.returncode == 0
     assert live_children() == []
     rows = {r["request_id"]: r for r in read_records(summary.records_path)}
@@ -65,17 +72,17 @@ def failed(rows: dict[int, dict]) -> list[dict]:
     return [r for rid, r in sorted(rows.items()) if is_faulty(rid, 0.5)]
 
 
-def test_connection_reset_mid_stream(tmp_path):
-    summary, rows = replay_against(["--fault-reset-after-events", "3"], tmp_path)
+def test_connection_reset_mid_stream(tmp_path, client):
+    summary, rows = replay_against(["--fault-reset-after-events", "3"], tmp_path, client)
     assert summary.errors_by_kind == {"connection reset": 4}
     for r in failed(rows):
         assert r["error"].startswith("connection reset: after 3 events")
         assert r["num_events"] == 3 and len(r["event_times_s"]) == 3
 
 
-def test_stalled_stream_times_out(tmp_path):
+def test_stalled_stream_times_out(tmp_path, client):
     t = time.perf_counter()
-    summary, rows = replay_against(["--fault-stall-after-events", "2"], tmp_path,
+    summary, rows = replay_against(["--fault-stall-after-events", "2"], tmp_path, client,
                                    stall_timeout_s=0.3)
     assert time.perf_counter() - t < 5
     assert summary.errors_by_kind == {"timeout": 4}
@@ -85,8 +92,8 @@ def test_stalled_stream_times_out(tmp_path):
         assert 0.3 <= r["finish_s"] - r["event_times_s"][-1] < 1.0
 
 
-def test_malformed_sse_line(tmp_path):
-    summary, rows = replay_against(["--fault-malformed-sse"], tmp_path)
+def test_malformed_sse_line(tmp_path, client):
+    summary, rows = replay_against(["--fault-malformed-sse"], tmp_path, client)
     assert summary.errors_by_kind == {"malformed SSE": 4}
     for r in failed(rows):
         assert r["error"].startswith("malformed SSE: event 2: ")
@@ -94,8 +101,8 @@ def test_malformed_sse_line(tmp_path):
 
 
 @pytest.mark.parametrize("code", [503, 429])
-def test_http_error_status(tmp_path, code):
-    summary, rows = replay_against(["--fault-status", str(code)], tmp_path)
+def test_http_error_status(tmp_path, code, client):
+    summary, rows = replay_against(["--fault-status", str(code)], tmp_path, client)
     assert summary.errors_by_kind == {f"HTTP {code}": 4}
     for r in failed(rows):
         assert r["http_status"] == code and r["num_events"] == 0
@@ -103,8 +110,8 @@ def test_http_error_status(tmp_path, code):
         assert f"fault injection: HTTP {code}" in r["error"]
 
 
-def test_usage_mismatch_keeps_the_timings(tmp_path):
-    summary, rows = replay_against(["--fault-wrong-usage"], tmp_path)
+def test_usage_mismatch_keeps_the_timings(tmp_path, client):
+    summary, rows = replay_against(["--fault-wrong-usage"], tmp_path, client)
     assert summary.errors_by_kind == {"usage mismatch": 4}
     for r in failed(rows):
         assert r["error"] == "usage mismatch: completion_tokens 5 != 6 expected"
@@ -120,7 +127,7 @@ def test_never_healthy(tmp_path):
     assert live_children() == []
 
 
-def test_server_killed_mid_replay(tmp_path):
+def test_server_killed_mid_replay(tmp_path, client):
     """SIGKILL while streams are open: finished records stay, open streams end as
     connection resets, later requests as refused connections, and the replay returns."""
     tw = TwinProcess("--step-ms", "5")
@@ -131,7 +138,8 @@ def test_server_killed_mid_replay(tmp_path):
     killer = threading.Timer(0.4, tw.kill)
     killer.start()
     t = time.perf_counter()
-    summary = run_replay(reqs, [tw.url], "twin", tmp_path, stall_timeout_s=10)
+    summary = run_replay(reqs, [tw.url], "twin", tmp_path, stall_timeout_s=10,
+                         client=client)
     killer.join()
     tw.stop()
     assert time.perf_counter() - t < 5

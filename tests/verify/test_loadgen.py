@@ -68,11 +68,15 @@ def expected_hits(rows: list[dict], prompts: dict[int, list[int]], block: int = 
     return total
 
 
-@pytest.mark.parametrize("prebuild", [True, False], ids=["bodies-prebuilt", "bodies-staged"])
+@pytest.mark.parametrize(("client", "prebuild", "seed"),
+                         [("raw", True, 101), ("raw", False, 202), ("aiohttp", True, 303)],
+                         ids=["raw-bodies-prebuilt", "raw-bodies-staged", "aiohttp"])
 def test_replay_of_a_trace_matches_the_servers_own_counters(twin, tmp_path, monkeypatch,
-                                                            prebuild):
+                                                            client, prebuild, seed):
     # bodies built before the replay (a small plan) or each while it is staged (a plan
-    # over the size limit): the same prompts reach the server either way
+    # over the size limit), through either HTTP client: the same prompts reach the
+    # server. Each case its own seed: other token ids, so nothing of one is cached for
+    # another
     if not prebuild:
         monkeypatch.setattr(loadgen, "PREBUILD_MAX_TOKENS", 0)
     trace = synthesize({"rate_per_s": 100, "num_requests": 60,
@@ -80,13 +84,11 @@ def test_replay_of_a_trace_matches_the_servers_own_counters(twin, tmp_path, monk
                         "output_tokens": {"kind": "uniform", "min_tokens": 1, "max_tokens": 12},
                         "prefix": {"num_groups": 3, "prefix_tokens": 64},
                         "hash_block_tokens": 16}, np.random.default_rng(4))
-    # each case its own seed: other token ids, so nothing of one is cached for the other
-    seed = 101 if prebuild else 202
     builder = PromptBuilder(seed=seed, block_tokens=16)
     plan = plan_from_trace(trace, builder)
     before = metrics(twin.url)
     summary = run_replay(plan, [twin.url], "twin", tmp_path, stall_timeout_s=10,
-                         meta=trace_meta(trace, builder, 1.0))
+                         meta=trace_meta(trace, builder, 1.0), client=client)
     after = metrics(twin.url)
     rows = read_records(summary.records_path)
     assert summary.num_ok == len(rows) == 60 and summary.num_error == 0
@@ -278,6 +280,21 @@ def test_replay_refuses_a_folder_that_holds_records(twin, tmp_path):
     (tmp_path / "records.jsonl").write_text("")
     with pytest.raises(InputError, match="already wrote records"):
         run_replay(make_plan(1, 1), [twin.url], "twin", tmp_path)
+
+
+def test_an_unknown_client_or_a_url_that_is_not_http_is_refused(tmp_path):
+    with pytest.raises(InputError, match=r"client = 'curl': unknown.*raw, aiohttp"):
+        Replay(make_plan(1, 1), ["http://127.0.0.1:1"], "m", tmp_path, client="curl")
+    with pytest.raises(InputError, match="not an http"):
+        Replay(make_plan(1, 1), ["unix:///tmp/sock"], "m", tmp_path)
+
+
+def test_meta_names_the_http_client(twin, tmp_path):
+    run_replay(make_plan(2, 2), [twin.url], "twin", tmp_path / "raw")
+    run_replay(make_plan(2, 2), [twin.url], "twin", tmp_path / "aio", client="aiohttp")
+    raw = json.loads((tmp_path / "raw" / "meta.json").read_text())["client"]
+    aio = json.loads((tmp_path / "aio" / "meta.json").read_text())["client"]
+    assert "verify/http1.py" in raw and "aiohttp" in aio
 
 
 def test_extra_body_sets_and_drops_fields(twin, tmp_path):
