@@ -11,8 +11,9 @@ exactly isl / osl tokens (unique prompts, no shared prefix), vLLM start-up defau
 
 Statistic: the mean over requests after the first wave (the first `concurrency` requests start
 together on an idle engine: warm-up). LoopProtocol (CLI options) sets the loop length, whether
-the first wave counts, and the token budget. Upstream does not say mean or median; benchmark clients
-(genai-perf, vllm bench) lead with the mean, and fixed lengths keep the two close.
+the first wave counts, the token budget and a spread of lengths (range ratio). Upstream does
+not say mean or median; benchmark clients (genai-perf, vllm bench) lead with the mean, and
+fixed lengths keep the two close.
 
 Scores (summary): APE = |pred / silicon - 1| per row, median and mean; Spearman rho of pred vs
 silicon over the rows of each (system, backend, model) group; and per workload (group, isl,
@@ -180,6 +181,10 @@ class LoopProtocol:
     num_requests: int | None = None  # a fixed count instead
     count_first_wave: bool = False  # True: the mean over every request
     max_num_batched_tokens: int | None = None  # None: vLLM's start-up default for the GPU
+    # < 1: each request's isl and osl drawn uniformly from [int(L x ratio), L], as the
+    # random dataset of sglang-project/sglang:python/sglang/bench_serving.py (and vLLM's
+    # benchmark_serving.py before its symmetric range) does with --random-range-ratio
+    range_ratio: float = 1.0
 
     def requests(self, concurrency: int) -> int:
         return self.num_requests or max(self.requests_per_client * concurrency, 64)
@@ -190,7 +195,9 @@ class LoopProtocol:
         who = "every request" if self.count_first_wave else "requests after the first wave"
         budget = (f", max_num_batched_tokens {self.max_num_batched_tokens}"
                   if self.max_num_batched_tokens else "")
-        return f"mean over {who}; {n}{budget}"
+        lengths = ("" if self.range_ratio >= 1 else
+                   f", isl and osl uniform in [{self.range_ratio:g} L, L]")
+        return f"mean over {who}; {n}{budget}{lengths}"
 
 
 def predict_row(row: Row, profiles: Sequence[BundledProfile],
@@ -253,8 +260,8 @@ def simulate_closed_loop(row: Row, model: str, profile_path: Path,
         "timing": {"kind": "roofline", "profile": profile.to_dict()},
         "workload": {
             # arrivals are replaced by the closed loop; the rate only orders the trace
-            "synthetic": {"rate_per_s": 1000.0, "input_tokens": row.isl,
-                          "output_tokens": row.osl, "num_requests": n},
+            "synthetic": {"rate_per_s": 1000.0, "input_tokens": _lengths(row.isl, protocol),
+                          "output_tokens": _lengths(row.osl, protocol), "num_requests": n},
             "closed_loop": {"concurrency": row.batch_size, "num_requests": n},
         },
     }
@@ -269,8 +276,22 @@ def simulate_closed_loop(row: Row, model: str, profile_path: Path,
         raise InputError(row.where, "every simulated request was refused",
                          "check that isl + osl fits the KV cache")
     ttft = c["first_token_s"][keep] - c["arrival_s"][keep]
-    tpot = (c["finish_s"][keep] - c["first_token_s"][keep]) / max(row.osl - 1, 1)
+    # TPOT per request over its own output, requests of one output token left out (vLLM's
+    # and SGLang's benchmark clients define it so)
+    out = c["num_output_tokens"][keep]
+    many = out > 1
+    if not many.any():
+        many = np.ones_like(many)
+    tpot = ((c["finish_s"][keep] - c["first_token_s"][keep])[many]
+            / np.maximum(out[many] - 1, 1))
     return float(ttft.mean()), float(tpot.mean())
+
+
+def _lengths(n: int, protocol: LoopProtocol) -> int | dict[str, Any]:
+    if protocol.range_ratio >= 1:
+        return n
+    return {"kind": "uniform", "min_tokens": max(1, int(n * protocol.range_ratio)),
+            "max_tokens": n}
 
 
 # ------------------------------------------------------------------ scoring

@@ -28,6 +28,10 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                    help="the engine's token budget per step (default: vLLM's start-up "
                    "default for the GPU)")
+    v.add_argument("--range-ratio", type=float, default=1.0, metavar="R",
+                   help="draw each request's isl and osl uniformly from [int(R x L), L] "
+                   "(benchmark clients' --random-range-ratio, lower bound form); default 1: "
+                   "the rows' lengths exactly")
     v.set_defaults(func=cmd_validate)
 
 
@@ -40,8 +44,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                         ("--max-num-batched-tokens", args.max_num_batched_tokens)):
         if value is not None and value < 1:
             raise InputError(flag, f"{value}: must be at least 1", f"give {flag} >= 1")
+    if not 0 < args.range_ratio <= 1:
+        raise InputError("--range-ratio", f"{args.range_ratio}: must be in (0, 1]",
+                         "give e.g. 0.8 for lengths in [0.8 L, L], or 1 for fixed lengths")
     protocol = val.LoopProtocol(args.requests_per_client, args.num_requests,
-                                args.count_first_wave, args.max_num_batched_tokens)
+                                args.count_first_wave, args.max_num_batched_tokens,
+                                args.range_ratio)
     rows = val.read_rows(args.rows)
     profiles = val.bundled_profiles(Path(args.profiles) if args.profiles else val.PROFILE_DIR)
     try:

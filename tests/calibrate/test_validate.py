@@ -181,9 +181,40 @@ def test_loop_protocol_options_change_what_is_simulated(tmp_path: Path) -> None:
     base = ttft()
     assert ttft(count_first_wave=True) != pytest.approx(base, rel=1e-3)
     assert ttft(max_num_batched_tokens=2048) != pytest.approx(base, rel=1e-3)
+    assert ttft(range_ratio=0.8) != pytest.approx(base, rel=1e-3)
     assert val.LoopProtocol(requests_per_client=10).requests(8) == 80
     assert val.LoopProtocol().requests(8) == 64
     assert val.LoopProtocol(num_requests=7).requests(8) == 7
+
+
+def test_range_ratio_draws_lengths_in_the_lower_bound_form(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """--range-ratio 0.8 on isl 100 / osl 10: every simulated request's lengths lie in
+    [80, 100] and [8, 10] (both ends drawn), and TPOT divides each request's decode time
+    by its own output length minus one."""
+    import sim.simulate
+
+    r = row(tmp=str(tmp_path), isl="100", osl="10", c="4")
+    prof = val.pick_profile(val.bundled_profiles(), r.system, r.backend, "Qwen/Qwen3-32B",
+                            r.tp, r.dtype)[0]
+    assert prof is not None
+    seen = {}
+    real = sim.simulate.simulate
+
+    def spy(resolved: object) -> object:
+        result = real(resolved)  # type: ignore[arg-type]
+        seen["c"] = result.records.columns
+        return result
+
+    monkeypatch.setattr(sim.simulate, "simulate", spy)
+    proto = val.LoopProtocol(num_requests=400, count_first_wave=True, range_ratio=0.8)
+    _ttft, tpot = val.simulate_closed_loop(r, "Qwen/Qwen3-32B", prof.path, protocol=proto)
+    c = seen["c"]
+    assert set(c["num_prompt_tokens"].tolist()) == set(range(80, 101))
+    assert set(c["num_output_tokens"].tolist()) == set(range(8, 11))
+    own = (c["finish_s"] - c["first_token_s"]) / (c["num_output_tokens"] - 1)
+    assert tpot == pytest.approx(float(own.mean()), rel=1e-12)
+    assert "isl and osl uniform in [0.8 L, L]" in proto.describe()
 
 
 def test_cli_protocol_is_recorded_and_checked(tmp_path: Path,
@@ -198,3 +229,5 @@ def test_cli_protocol_is_recorded_and_checked(tmp_path: Path,
     capsys.readouterr()
     assert main(["validate", str(p), "--out", str(out), "--requests-per-client", "0"]) == 2
     assert "--requests-per-client: 0: must be at least 1" in capsys.readouterr().err
+    assert main(["validate", str(p), "--out", str(out), "--range-ratio", "1.5"]) == 2
+    assert "--range-ratio: 1.5: must be in (0, 1]" in capsys.readouterr().err
