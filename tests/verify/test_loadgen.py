@@ -247,7 +247,11 @@ def test_cancelling_a_replay_records_the_requests_in_flight(twin, tmp_path):
 
 
 CTRL_C_SCRIPT = """
-import json, sys
+import json, signal, sys
+# a shell without job control starts background commands with SIGINT ignored, and the
+# child inherits that (pytest launched with `&`, e.g. a CI script run in the background):
+# Ctrl-C is what is tested here, so SIGINT gets Python's own handler back
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from verify.loadgen import PlannedRequest, run_replay
 # a request every 0.2 s, each streaming ~0.2 s: one is nearly always in flight; the
 # replay would run 30 s, far past the interrupt
