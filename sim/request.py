@@ -68,12 +68,13 @@ class Request:
         self.num_computed = 0
         self.num_output = 0
         self.num_tokens = prompt_tokens  # prompt + generated so far
-        self.blocks: list[int] = []
-        # the same ids as int64 arrays for a prefix of ``blocks`` (the prompt's hit and
-        # allocated chunks, as they came): freeing hundreds of blocks converts only the
-        # few appended one by one since (a list's conversion costs ~20 us per 750)
+        # the request's KV block ids, in order, in two parts: int64 arrays for the first
+        # ``arrays_len`` (the prompt's hit and allocated chunks, as the pool handed them
+        # out), then ``blocks``, the few taken one by one since (decode steps). Prompt
+        # blocks never become Python ints: hundreds per request, made and freed again
         self.block_arrays: list[np.ndarray] = []
         self.arrays_len = 0
+        self.blocks: list[int] = []
         # blocks held before the last preemption and their allocation stamps:
         # a recompute can find its own uncached blocks again if not reallocated
         self.prev_blocks: np.ndarray | None = None

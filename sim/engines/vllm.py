@@ -80,11 +80,23 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _block_range(req: Request, lo: int, hi: int) -> np.ndarray:
+    """Block ids [lo, hi) of the request (``Request.block_arrays`` then ``blocks``)."""
+    n = req.arrays_len
+    if lo >= n:
+        return np.asarray(req.blocks[lo - n:hi - n], dtype=np.int64)
+    parts = req.block_arrays
+    head = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    if hi <= n:
+        return head[lo:hi]
+    return np.concatenate((head[lo:], np.asarray(req.blocks[:hi - n], dtype=np.int64)))
+
+
 def _take_blocks(req: Request) -> np.ndarray:
     """The request's block ids as one int64 array, in order; its blocks are emptied."""
-    blocks, parts, n = req.blocks, req.block_arrays, req.arrays_len
-    if n < len(blocks):
-        parts.append(np.asarray(blocks[n:], dtype=np.int64))
+    blocks, parts = req.blocks, req.block_arrays
+    if blocks:
+        parts.append(np.asarray(blocks, dtype=np.int64))
     out = (parts[0] if len(parts) == 1 else np.concatenate(parts) if parts
            else np.empty(0, dtype=np.int64))
     req.blocks = []
@@ -228,7 +240,7 @@ class VllmEngine:
             if req.dtick < 0:
                 continue  # preempted above
             c = req.num_computed + tick - req.dtick
-            need = cdiv(c + 1, bs) - len(req.blocks)
+            need = cdiv(c + 1, bs) - req.arrays_len - len(req.blocks)
             while need > pool.num_free:
                 victim = running.pop()
                 self._preempt(victim)
@@ -275,7 +287,7 @@ class VllmEngine:
             if 0 < thr < n:
                 n = thr
             n = min(n, budget)
-            need = cdiv(c + n, bs) - len(req.blocks)
+            need = cdiv(c + n, bs) - req.arrays_len - len(req.blocks)
             preempted_self = False
             while need > pool.num_free:
                 victim = running.pop()
@@ -441,8 +453,8 @@ class VllmEngine:
                 return True
             self.waiting.popleft()
             pool.touch(hit)
-            req.blocks = hit.tolist()
-            req.block_arrays = [hit]
+            req.blocks = []
+            req.block_arrays = [hit] if hit.size else []
             req.arrays_len = int(hit.size)
             req.num_computed = computed
             if req.num_cached_tokens < 0:
@@ -459,8 +471,8 @@ class VllmEngine:
             if req.remote_kv_tokens:
                 self._cache_transferred(req, int(hit.size))
             if low.size:  # the loaded blocks are indexed on the GPU again
-                pool.cache(np.asarray(req.blocks[hit.size:hit.size + len(low)],
-                                      dtype=np.int64), low_keys)
+                pool.cache(_block_range(req, int(hit.size), int(hit.size) + len(low)),
+                           low_keys)
             req.seq = self._seq
             self._seq += 1
             self.running.append(req)
@@ -483,8 +495,7 @@ class VllmEngine:
         layout = self._layout(req)
         hi = min(layout.num_hashed, req.remote_kv_tokens // self.config.block_size)
         if hi > num_hit:
-            self.pool.cache(np.asarray(req.blocks[num_hit:hi], dtype=np.int64),
-                            layout.keys[num_hit:hi])
+            self.pool.cache(_block_range(req, num_hit, hi), layout.keys[num_hit:hi])
         req.remote_kv_tokens = 0
 
     def lacking_tokens(self, req: Request) -> int:
@@ -531,17 +542,17 @@ class VllmEngine:
         """Allocate ``need`` blocks for ``n`` new tokens and cache prompt blocks they fill."""
         pool = self.pool
         bs = self.config.block_size
-        blocks = req.blocks
-        first_new = len(blocks)
+        first_new = req.arrays_len + len(req.blocks)
         new = None
-        if need > FEW_BLOCKS:  # a prompt chunk: kept as an array too (cache, free later)
+        if need > FEW_BLOCKS:  # a prompt chunk: kept as the array it came as
             new = pool.allocate_array(need)
-            blocks.extend(new.tolist())
-            if req.arrays_len == first_new:
-                req.block_arrays.append(new)
-                req.arrays_len += need
+            if req.blocks:  # blocks taken one by one before it go into the arrays first
+                req.block_arrays.append(np.asarray(req.blocks, dtype=np.int64))
+                req.blocks = []
+            req.block_arrays.append(new)
+            req.arrays_len = first_new + need
         elif need > 0:
-            blocks.extend(pool.allocate(need))
+            req.blocks.extend(pool.allocate(need))
         if req.num_computed < req.hashed_end:
             layout = self._layout(req)
             lo = min(req.num_computed // bs, layout.num_hashed)
@@ -552,7 +563,7 @@ class VllmEngine:
                 if new is not None and lo >= first_new:
                     ids = new[lo - first_new:hi - first_new]
                 else:
-                    ids = np.asarray(blocks[lo:hi], dtype=np.int64)
+                    ids = _block_range(req, lo, hi)
                 pool.cache(ids, layout.keys[lo:hi])
 
     def _preempt(self, req: Request) -> None:
