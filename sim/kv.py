@@ -60,6 +60,8 @@ NO_KEY = -1
 # up to this many blocks an allocation walks the free queue in plain Python (numpy's
 # per-call cost dwarfs the work); more go through numpy (``allocate_array``)
 FEW_BLOCKS = 12
+# a prefix lookup reads the keys in windows of this many, then 4x, 16x, ... (``lookup``)
+LOOKUP_WINDOW = 64
 
 
 class BlockPool:
@@ -273,14 +275,30 @@ class BlockPool:
                 self._plog.push(self.clock, np.array(keys, dtype=np.int64), self._pbit, True)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Block ids of the longest leading run of ``keys`` found in the cache."""
+        """Block ids of the longest leading run of ``keys`` found in the cache.
+
+        Read in windows growing fourfold from LOOKUP_WINDOW keys: a prompt's hit is
+        mostly a short shared head of a long prompt, so the rest is never gathered."""
         if not self.enable_caching or keys.size == 0:
             return np.empty(0, dtype=np.int64)
-        cand = self._index[keys].astype(np.int64)
-        ok = (cand >= 0) & (self.blk_key[np.maximum(cand, 0)] == keys)
-        if ok.all():
-            return cand
-        return cand[: int(np.argmin(ok))]
+        n = int(keys.size)
+        lo = 0
+        width = LOOKUP_WINDOW
+        parts = []
+        while True:
+            hi = min(n, lo + width)
+            seg = keys[lo:hi]
+            cand = self._index[seg].astype(np.int64)
+            ok = (cand >= 0) & (self.blk_key[np.maximum(cand, 0)] == seg)
+            if not ok.all():
+                parts.append(cand[: int(np.argmin(ok))])
+                break
+            parts.append(cand)
+            if hi == n:
+                break
+            lo = hi
+            width *= 4
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def num_cached_prefix(self, keys: np.ndarray) -> int:
         """Length of the longest leading run of ``keys`` found in the cache (``lookup``'s

@@ -57,11 +57,15 @@ class StepLog:
             self._block_shifts.append(self.num_steps + block_offset)
         self._segment(n, start_s, num_running, num_waiting, num_prefill_tokens, num_decode_seqs)
 
-    def _segment(self, n: int, start_s: float, *vals: int) -> None:
+    def _segment(self, n: int, start_s: float, num_running: int, num_waiting: int,
+                 num_prefill_tokens: int, num_decode_seqs: int) -> None:
         self._seg_len.append(n)
         self._seg_start.append(start_s)
-        for k, v in zip(_PER_SEGMENT, vals, strict=True):
-            self._seg_vals[k].append(v)
+        vals = self._seg_vals
+        vals["num_running"].append(num_running)
+        vals["num_waiting"].append(num_waiting)
+        vals["num_prefill_tokens"].append(num_prefill_tokens)
+        vals["num_decode_seqs"].append(num_decode_seqs)
         self.num_steps += n
 
     def _flush(self) -> None:

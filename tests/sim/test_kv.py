@@ -163,6 +163,24 @@ def test_num_cached_prefix_equals_the_lookup_length() -> None:
         assert pool.num_cached_prefix(keys) == pool.lookup(keys).size
 
 
+def test_lookup_reads_windows_and_finds_runs_ending_anywhere() -> None:
+    """Hits ending before, at and after each window edge (64, 64 + 256, ...) give the
+    same run as one gather of every key; the whole prompt cached gives all of it."""
+    import sim.kv
+
+    n = 1000
+    pool = BlockPool(n + 1, 4, 4, num_hash_ids=n + 5)
+    blocks = np.asarray(pool.allocate(n), dtype=np.int64)
+    pool.cache(blocks, np.arange(n))
+    for run in (0, 1, 63, 64, 65, 319, 320, 321, 999, 1000):
+        keys = np.arange(n + 5)
+        if run < n:
+            keys[run] = n + 3  # a key nobody holds ends the run there
+        got = pool.lookup(keys[:n] if run == n else keys)
+        assert got.tolist() == blocks[:run].tolist(), run
+    assert sim.kv.LOOKUP_WINDOW == 64
+
+
 # ------------------------------------------------------- fleet key presence
 def test_key_presence_matches_every_pool_under_random_operations() -> None:
     """The shared bitmap a KV-aware router reads must say, for any prompt, exactly
