@@ -22,6 +22,13 @@ from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 65536
 CRLF = b"\r\n"
+BAD = "bad:"  # starts the reason ``on_lost`` gets when the response was not HTTP/1.1
+
+
+class _Framing(ValueError):
+    def __init__(self, message: str, body: bytes) -> None:
+        super().__init__(message)
+        self.body = body
 
 
 class Exchange:
@@ -84,7 +91,7 @@ class Connection(asyncio.Protocol):
             end = head.find(b"\r\n\r\n")
             if end < 0:
                 if len(head) > MAX_HEAD_BYTES:
-                    self._fail(f"response head over {MAX_HEAD_BYTES} bytes")
+                    self._fail(f"{BAD} response head over {MAX_HEAD_BYTES} bytes")
                 else:
                     self._head = head
                 return
@@ -92,7 +99,7 @@ class Connection(asyncio.Protocol):
             try:
                 status, headers = self._parse_head(head[:end])
             except ValueError as e:
-                self._fail(f"bad response head: {e}")
+                self._fail(f"{BAD} response head: {e}")
                 return
             self._in_body = True
             ex.on_head(status, headers)
@@ -107,8 +114,10 @@ class Connection(asyncio.Protocol):
         if self._chunked:
             try:
                 body, done = self._dechunk(data)
-            except ValueError as e:
-                self._fail(f"bad chunked framing: {e}")
+            except _Framing as e:  # what came before the bad framing still counts
+                if e.body:
+                    ex.on_body(e.body)
+                self._fail(f"{BAD} chunked framing: {e.args[0]}")
                 return
         elif self._left < 0:
             body, done = data, False
@@ -141,6 +150,9 @@ class Connection(asyncio.Protocol):
         self._need = 0
         self._carry = b""
         self.transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     def detach(self, exchange: Exchange) -> None:
         """The exchange is done with the response before its end: drop the connection
@@ -207,9 +219,16 @@ class Connection(asyncio.Protocol):
 
     def _dechunk(self, data: bytes) -> tuple[bytes, bool]:
         """The data bytes in ``data`` (chunked framing removed) and whether the last
-        chunk and trailers have been read. Framing cut by the read is carried over."""
+        chunk and trailers have been read. Framing cut by the read is carried over;
+        framing that is wrong raises ``_Framing`` with the data bytes before it."""
+        parts: list[bytes] = []
+        try:
+            return self._dechunk_into(data, parts)
+        except ValueError as e:
+            raise _Framing(str(e), b"".join(parts)) from None
+
+    def _dechunk_into(self, data: bytes, parts: list[bytes]) -> tuple[bytes, bool]:
         buf = self._carry + data if self._carry else data
-        parts = []
         pos, n = 0, len(buf)
         need = self._need
         done = False

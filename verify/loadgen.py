@@ -20,6 +20,7 @@ Errors and what a record says (``error``, its kind before the first colon):
     timeout: no event for X s           no bytes for ``stall_timeout_s`` (headers included)
     malformed SSE: event N: <line>      a line that is not SSE, or data that is not JSON
     incomplete stream: ...              the body ended without ``data: [DONE]``
+    malformed response: ...             an HTTP head or chunked framing that is not HTTP/1.1
     server error event: ...             an ``{"error": ...}`` event in the stream
     usage mismatch: ...                 usage disagrees with the plan; timings kept
     cancelled                           the replay was cancelled (Ctrl-C) mid-request
@@ -341,7 +342,9 @@ class _RawStream(http1.Exchange):
             self._over(f"incomplete stream: ended without [DONE] after {self.st.n} events")
 
     def on_lost(self, reason: str) -> None:
-        if self.status is not None and self.status != 200:
+        if reason.startswith(http1.BAD):
+            self._over(f"malformed response: after {self.st.n} events: {short(reason[4:], 120)}")
+        elif self.status is not None and self.status != 200:
             self._over(self._http_error())
         else:
             self._over(f"connection reset: after {self.st.n} events ({short(reason, 80)})")
@@ -700,7 +703,7 @@ class Replay:
             data = target.post(body, f"x-request-id: {p.request_id}\r\n", self.force_close)
             if gate is not None and not gate.done():
                 await gate
-            if conn.closed:  # the server let an idle connection go while it was staged
+            if conn.closed or conn.is_closing():  # the server let it go while staged
                 conn = await pool.connect(target.key)
             st.last_s = sent = pc() - t0
             conn.send(ex, data)

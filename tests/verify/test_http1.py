@@ -163,13 +163,13 @@ def test_connection_close_and_a_body_framed_by_the_close_are_not_reused():
 @pytest.mark.parametrize(("reply", "reason"), [
     ([OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nabc", "close"],
      "server closed the connection"),
-    ([b"SPDY/3 200 OK\r\n\r\n"], "bad response head: status line b'SPDY/3 200 OK'"),
+    ([b"SPDY/3 200 OK\r\n\r\n"], "bad: response head: status line b'SPDY/3 200 OK'"),
     ([OK_HEAD + b"Content-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc"],
-     "bad response head: Content-Encoding gzip (never asked for)"),
+     "bad: response head: Content-Encoding gzip (never asked for)"),
     ([OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n"],
-     "bad chunked framing: invalid literal for int() with base 16: b'zz'"),
+     "bad: chunked framing: invalid literal for int() with base 16: b'zz'"),
     ([OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabcXY"],
-     "bad chunked framing: no CRLF after chunk data: b'XY'"),
+     "bad: chunked framing: no CRLF after chunk data: b'XY'"),
     (["close"], "server closed the connection"),
 ])
 def test_a_broken_response_is_lost_with_its_reason_and_the_connection_dropped(reply, reason):
@@ -226,3 +226,31 @@ def test_dechunk_undoes_the_framing_however_the_reads_cut_it(body, sizes, cuts, 
         piece, done = conn._dechunk(framed[a:b])
         out += piece
     assert done and out == body and conn._reusable
+
+
+def test_a_replay_records_a_malformed_response_and_goes_on(tmp_path):
+    """Through the load generator: one request answered with broken chunked framing
+    after a token event (in the same read), the next one properly; the first is a record
+    with the reason and its token counted, the second is ok, both on disk."""
+    from verify.loadgen import PlannedRequest, Replay
+    from verify.records import read_records
+
+    token = (b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n')
+    good = (b'data: {"choices":[{"index":0,"text":"b","finish_reason":"length"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+            b"data: [DONE]\n\n")
+    head = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+    replies = [[head + chunked(token, [len(token)])[:-5] + b"zz\r\n"],
+               [head + chunked(token + good, [len(token), len(good)])]]
+
+    async def main() -> None:
+        async with Scripted(replies) as srv:
+            plan = [PlannedRequest(0, 0.0, [1, 2, 3], 2), PlannedRequest(1, 0.05, [1, 2, 3], 2)]
+            await Replay(plan, [srv.url], "m", tmp_path, stall_timeout_s=5).run()
+
+    asyncio.run(main())
+    rows = {r["request_id"]: r for r in read_records(tmp_path / "records.jsonl")}
+    assert rows[0]["error"] == ("malformed response: after 1 events: chunked framing: "
+                                "invalid literal for int() with base 16: b'zz'")
+    assert rows[0]["num_events"] == 1
+    assert rows[1]["status"] == "ok" and rows[1]["num_events"] == 2
