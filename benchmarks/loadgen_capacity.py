@@ -35,7 +35,9 @@ aiohttp    2000     2,022   101,100  0.269ms  2.142ms   5.36ms    76%    75%    
 aiohttp    3000     3,009   150,457  0.592ms  3.886ms  12.51ms    90%    89%       4.3
 
 Over the three runs, p99 lag at 2,000 req/s: raw 1.03 / 1.06 / 1.16 ms, aiohttp 2.14 / 2.58
-/ 2.39 ms; at 3,000 req/s raw 1.56 / 1.91 / 2.66 ms, aiohttp 3.9 / 13.2 / 9.5 ms. With
+/ 2.39 ms; at 3,000 req/s raw 1.56 / 1.91 / 2.66 ms, aiohttp 3.9 / 13.2 / 9.5 ms. Later
+that day, the machine slower (twin server 80-93 %), 13 raw runs at 2,000 req/s: p99
+1.13-2.83 ms, 8 within every target (see README, Verify). With
 ``--no-spin`` at 2,000 req/s the raw client used 60-62 % of a core (~0.3 ms per request,
 most of it asyncio's loop and the ~4.7 socket reads a request takes), aiohttp 77-79 %.
 uvloop (0.23, a scratch venv) with the raw client and ``--no-spin``: p99 0.77-0.83 ms at
