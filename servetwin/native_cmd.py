@@ -1,8 +1,9 @@
 """`servetwin native build | status | clean`: the optional compiled engine (sim/_native.py).
 
-build: compile sim._native.MODULES with mypyc (our sources, unchanged) in a scratch folder,
-copy the extension modules beside the sources, write the manifest, then check in a fresh
-interpreter that ``import sim`` takes the build. Needs mypyc (the `mypy` package: ``pip
+build: compile sim._native.MODULES with mypyc (our sources, unchanged) and
+sim._native.C_MODULES (our C) in a scratch folder, copy the extension modules beside the
+sources, write the manifest, then check in a fresh interpreter that ``import sim`` takes
+the build. Needs mypyc (the `mypy` package: ``pip
 install -e ".[native]"``) and a C compiler. ~1 min on one core. A failed build leaves no
 partial build behind (the pure-Python engine keeps working).
 """
@@ -27,11 +28,14 @@ from sim.errors import ServetwinError
 
 SETUP = """\
 import sys
-from setuptools import setup
+from setuptools import Extension, setup
 from mypyc.build import mypycify
 paths, group = sys.argv[1].split(",") + ["--ignore-missing-imports"], sys.argv[2]
+c_exts = [Extension(name, [src]) for name, src in
+          (item.split("=") for item in sys.argv[3].split(",") if item)]
 sys.argv = [sys.argv[0], "build_ext", "--build-lib", "lib", "--build-temp", "tmp"]
-setup(name="servetwin-native", ext_modules=mypycify(paths, group_name=group, opt_level="3"))
+setup(name="servetwin-native",
+      ext_modules=mypycify(paths, group_name=group, opt_level="3") + c_exts)
 """
 
 
@@ -94,9 +98,10 @@ def build(root: Path = native.ROOT) -> list[Path]:
     _check_tools()
     clean(root)
     sources = {m: native.source_path(m, root) for m in native.MODULES}
-    hashes = {m: native.sha256(p) for m, p in sources.items()}  # as compiled
-    print(f"servetwin native: compiling {len(sources)} modules with mypyc (about a minute)...",
-          flush=True)
+    c_sources = {m: native.source_path(m, root) for m in native.C_MODULES}
+    hashes = {m: native.sha256(p) for m, p in {**sources, **c_sources}.items()}  # as compiled
+    print(f"servetwin native: compiling {len(sources)} modules with mypyc and "
+          f"{len(c_sources)} C module(s) (about a minute)...", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="servetwin-native-") as tmp:
         work = Path(tmp)
@@ -105,7 +110,8 @@ def build(root: Path = native.ROOT) -> list[Path]:
         with log.open("w") as fh:
             rc = subprocess.run(
                 [sys.executable, "setup_native.py", ",".join(map(str, sources.values())),
-                 native.GROUP], cwd=work, stdout=fh, stderr=subprocess.STDOUT,
+                 native.GROUP, ",".join(f"{m}={p}" for m, p in c_sources.items())],
+                cwd=work, stdout=fh, stderr=subprocess.STDOUT,
                 env={**_env(), "PYTHONPATH": str(root), "CFLAGS": _cflags()}).returncode
         if rc != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])

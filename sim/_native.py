@@ -3,9 +3,11 @@ while the build matches their sources.
 
 ``servetwin native build`` compiles MODULES — our own Python, unchanged — with mypyc into
 extension modules beside the sources (one shared library, ``sim/_native__mypyc.*.so``,
-plus one small shim per module) and writes MANIFEST: the interpreter's extension suffix
-and each source's sha256. Python prefers an extension module to the ``.py`` of the same
-name, so ``import sim`` (this module's ``install``) decides whether the build may be used:
+plus one small shim per module), compiles C_MODULES (our own C: the block pool's
+per-block loops, which the compiled ``sim.kv`` calls instead of its numpy code) and
+writes MANIFEST: the interpreter's extension suffix and each source's sha256. Python
+prefers an extension module to the ``.py`` of the same name, so ``import sim`` (this
+module's ``install``) decides whether the build may be used:
 
 - ``SERVETWIN_PURE_PYTHON=1`` in the environment: no (for comparisons and debugging);
 - no extension module present: nothing to decide (pure Python, "not built");
@@ -43,6 +45,9 @@ MODULES = (
     "sim.timing", "sim.engines.plan", "sim.engines.vllm", "sim.engines.sglang",
     "sim.cluster", "sim.disagg",
 )
+# hand-written C extension modules built beside them (their source is NAME.c): the block
+# pool's per-block loops, which sim/kv.py calls only when the build is used
+C_MODULES = ("sim._kvcore",)
 GROUP = "sim._native"  # mypyc group: the shared library is sim/_native__mypyc<suffix>
 ROOT = Path(__file__).resolve().parent.parent  # the folder holding the `sim` package
 MANIFEST = ROOT / "sim" / "_native.json"
@@ -57,13 +62,14 @@ def ext_suffix() -> str:
 
 
 def source_path(module: str, root: Path = ROOT) -> Path:
-    return root.joinpath(*module.split(".")).with_suffix(".py")
+    return root.joinpath(*module.split(".")).with_suffix(".c" if module in C_MODULES
+                                                        else ".py")
 
 
 def extension_paths(root: Path = ROOT, suffix: str | None = None) -> list[Path]:
     """Every file a build puts beside the sources (shims + the shared library)."""
     suffix = suffix or ext_suffix()
-    names = (*MODULES, GROUP + "__mypyc")
+    names = (*MODULES, *C_MODULES, GROUP + "__mypyc")
     return [root.joinpath(*m.split(".")).with_name(m.split(".")[-1] + suffix) for m in names]
 
 
@@ -93,11 +99,11 @@ def decide(root: Path = ROOT, env: Mapping[str, str] = os.environ,
     missing = [p.name for p in paths if p not in present]
     if missing:
         return False, f"partial build: {missing[0]} missing", True
-    for m in MODULES:
+    for m in (*MODULES, *C_MODULES):
         src = source_path(m, root)
         if hashes.get(m) != (sha256(src) if src.exists() else None):
             return False, f"{src.relative_to(root)} changed since the build", True
-    return True, f"mypyc, {len(MODULES)} modules", True
+    return True, f"mypyc, {len(MODULES)} modules + C block-pool loops", True
 
 
 class _FromSource(importlib.abc.MetaPathFinder):

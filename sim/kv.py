@@ -51,10 +51,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from . import _native
+
 if TYPE_CHECKING:
     from .offload import OffloadTiers
 
 NO_KEY = -1
+
+# The C loops of the compiled engine (sim/_kvcore.c), only when that build is used; each
+# does per block what the numpy code below does per array, to the same result.
+_K: Any = None
+if _native.STATE["compiled"]:
+    from . import _kvcore as _K  # type: ignore[attr-defined,no-redef]
 
 
 # up to this many blocks an allocation walks the free queue in plain Python (numpy's
@@ -158,6 +166,9 @@ class BlockPool:
     # ------------------------------------------------------------- allocation
     def allocate(self, n: int) -> list[int]:
         """Pop ``n`` blocks for a request; evicts any prefix keys they held."""
+        if _K is not None and self.lower is None and self._pmask is None:
+            out: list[int] = self._take(n).tolist()
+            return out
         if n <= FEW_BLOCKS:
             return self._allocate_few(n)
         return self._allocate_many(n)
@@ -170,6 +181,8 @@ class BlockPool:
 
     def allocate_array(self, n: int) -> np.ndarray:
         """``allocate`` by numpy, the block ids as an int64 array (``n`` >= 1)."""
+        if _K is not None and self.lower is None and self._pmask is None:
+            return self._take(n)
         ids = self._pop_free(n)
         self.ref[ids] = 1
         key = self.blk_key
@@ -188,6 +201,28 @@ class BlockPool:
                     self._plog.push(self.clock, gone, self._pbit, False)
         key[ids] = NO_KEY
         return ids
+
+    def _take(self, n: int) -> np.ndarray:
+        """``allocate_array`` through the C loop (``_K.take``, chunk by chunk), when no
+        offload tier or key bitmap needs to hear of evictions."""
+        if n > self.num_free:
+            raise RuntimeError(f"pop {n} blocks with {self.num_free} free")  # engine bug
+        out = np.empty(n, dtype=np.int64)
+        got = 0
+        q = self._queue
+        while got < n:
+            ids, stamps = q[0]
+            head, taken, evicted = _K.take(ids, stamps, self._head, n - got, self.free_stamp,
+                                           self.ref, self.blk_key, out, got)
+            got += taken
+            self.num_evicted += evicted
+            if head >= ids.size:
+                q.popleft()
+                self._head = 0
+            else:
+                self._head = head
+        self.num_free -= n
+        return out
 
     def _pop_free_checked(self, n: int) -> list[int]:
         """The numpy path of ``allocate`` whatever ``n`` (for tests)."""
@@ -239,6 +274,9 @@ class BlockPool:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
+        if _K is not None:
+            self.num_free -= _K.touch(ids, self.ref, self.free_stamp)
+            return
         was_free = ids[self.ref[ids] == 0]
         self.ref[ids] += 1
         if was_free.size:
@@ -251,6 +289,16 @@ class BlockPool:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size == 0:
             return
+        if _K is not None:
+            n = int(ids.size)
+            out_ids = np.empty(n, dtype=np.int64)
+            out_stamps = np.empty(n, dtype=np.int64)
+            freed = _K.free(ids, self.ref, self.free_stamp, self._stamp, out_ids, out_stamps)
+            if freed:
+                self._stamp += freed
+                self._queue.append((out_ids[:freed], out_stamps[:freed]))
+                self.num_free += freed
+            return
         rev = ids[::-1]
         self.ref[rev] -= 1
         self._append_free(rev[self.ref[rev] == 0])
@@ -261,6 +309,9 @@ class BlockPool:
         live block keeps that block."""
         ids = np.asarray(ids, dtype=np.int64)
         if not self.enable_caching or ids.size == 0:
+            return
+        if _K is not None and self._pmask is None:
+            _K.cache(ids, np.asarray(keys, dtype=np.int64), self._index, self.blk_key)
             return
         # ids are blocks just filled by their owner: none holds a key yet
         cur = self._index[keys]
@@ -281,6 +332,10 @@ class BlockPool:
         mostly a short shared head of a long prompt, so the rest is never gathered."""
         if not self.enable_caching or keys.size == 0:
             return np.empty(0, dtype=np.int64)
+        if _K is not None:
+            out = np.empty(keys.size, dtype=np.int64)
+            found: np.ndarray = out[:_K.lookup(keys, self._index, self.blk_key, out)]
+            return found
         n = int(keys.size)
         lo = 0
         width = LOOKUP_WINDOW
@@ -306,6 +361,9 @@ class BlockPool:
         most hold none of a request's prefix."""
         if not self.enable_caching or keys.size == 0:
             return 0
+        if _K is not None:
+            run: int = _K.prefix_len(keys, self._index, self.blk_key)
+            return run
         k0 = int(keys[0])
         b0 = int(self._index[k0])
         if b0 < 0 or self.blk_key[b0] != k0:

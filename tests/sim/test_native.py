@@ -22,7 +22,7 @@ SUFFIX = ".cpython-311-x86_64-linux-gnu.so"
 
 def fake_tree(tmp_path: Path, built: bool = True) -> Path:
     """Sources of every compiled module, and (built) empty extensions + a true manifest."""
-    for m in native.MODULES:
+    for m in (*native.MODULES, *native.C_MODULES):
         src = native.source_path(m, tmp_path)
         src.parent.mkdir(parents=True, exist_ok=True)
         src.write_text(f"# {m}\n")
@@ -32,13 +32,13 @@ def fake_tree(tmp_path: Path, built: bool = True) -> Path:
         (tmp_path / "sim" / "_native.json").write_text(json.dumps({
             "ext_suffix": SUFFIX,
             "modules": {m: native.sha256(native.source_path(m, tmp_path))
-                        for m in native.MODULES}}))
+                        for m in (*native.MODULES, *native.C_MODULES)}}))
     return tmp_path
 
 
 def test_a_matching_build_is_used(tmp_path: Path) -> None:
     assert native.decide(fake_tree(tmp_path), {}, SUFFIX) == (
-        True, f"mypyc, {len(native.MODULES)} modules", True)
+        True, f"mypyc, {len(native.MODULES)} modules + C block-pool loops", True)
 
 
 def test_nothing_built_is_pure_python_without_a_warning(tmp_path: Path) -> None:
@@ -46,12 +46,15 @@ def test_nothing_built_is_pure_python_without_a_warning(tmp_path: Path) -> None:
     assert (ok, built) == (False, False) and "servetwin native build" in why
 
 
-def test_an_edited_source_turns_the_build_off_and_says_which(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module, shown", [("sim.kv", "sim/kv.py"),
+                                           ("sim._kvcore", "sim/_kvcore.c")])
+def test_an_edited_source_turns_the_build_off_and_says_which(tmp_path: Path, module: str,
+                                                             shown: str) -> None:
     root = fake_tree(tmp_path)
-    native.source_path("sim.kv", root).write_text("# edited\n")
+    native.source_path(module, root).write_text("// edited\n")
     ok, why, built = native.decide(root, {}, SUFFIX)
     assert (ok, built) == (False, True)
-    assert why == "sim/kv.py changed since the build"
+    assert why == f"{shown} changed since the build"
 
 
 @pytest.mark.parametrize("breakage, expected", [
@@ -101,8 +104,10 @@ def test_the_finder_warns_once_when_the_engine_is_first_imported(tmp_path: Path)
 def test_clean_removes_the_build_and_only_it(tmp_path: Path) -> None:
     root = fake_tree(tmp_path)
     gone = clean(root)
-    assert len(gone) == len(native.MODULES) + 2  # shims, shared library, manifest
-    assert all(native.source_path(m, root).exists() for m in native.MODULES)
+    # shims, C modules, shared library, manifest
+    assert len(gone) == len(native.MODULES) + len(native.C_MODULES) + 2
+    assert all(native.source_path(m, root).exists()
+               for m in (*native.MODULES, *native.C_MODULES))
     assert native.decide(root, {}, SUFFIX)[2] is False
 
 
