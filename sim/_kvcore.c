@@ -401,6 +401,51 @@ kv_prefix_len(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(run);
 }
 
+/* layout_keys(dense_ids, hash_block_tokens, block_size, out)
+
+   PrefixLayout's keys: engine block j (tokens [j*B, (j+1)*B)) ends inside trace block
+   k = ((j+1)*B - 1) // T at offset r; its key is dense_ids[k] * S + (r - 1) // B with
+   S = ceil(T / B) slots per trace block, for j < out.size. */
+static PyObject *
+kv_layout_keys(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    NEED_ARGS(4, "layout_keys");
+    long long t = PyLong_AsLongLong(args[1]);
+    long long bs = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (t <= 0 || bs <= 0) {
+        PyErr_SetString(PyExc_ValueError, "_kvcore.layout_keys: block sizes must be > 0");
+        return NULL;
+    }
+    Py_buffer v[2];
+    int n = 0;
+    GET(args[0], 8, 0, "dense_ids");
+    GET(args[3], 8, 1, "out");
+    {
+        const int64_t *dense = v[0].buf;
+        int64_t *out = v[1].buf;
+        Py_ssize_t size = count(&v[1]), ids = count(&v[0]);
+        int64_t slots = (t - 1) / bs + 1;
+        if (size && ((int64_t)size * bs - 1) / t >= ids) {
+            PyErr_SetString(PyExc_ValueError, "_kvcore.layout_keys: more blocks than the "
+                            "hash ids cover");
+            goto fail;
+        }
+        for (Py_ssize_t j = 0; j < size; j++) {
+            int64_t end = (int64_t)(j + 1) * bs;
+            int64_t k = (end - 1) / t;
+            out[j] = dense[k] * slots + (end - k * t - 1) / bs;
+        }
+        release(v, n);
+        Py_RETURN_NONE;
+    }
+fail:
+    release(v, n);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"take", (PyCFunction)(void (*)(void))kv_take, METH_FASTCALL,
      "take(ids, stamps, head, need, free_stamp, ref, blk_key, out, out_pos)"},
@@ -412,6 +457,8 @@ static PyMethodDef methods[] = {
      "cache(ids, keys, index, blk_key)"},
     {"lookup", (PyCFunction)(void (*)(void))kv_lookup, METH_FASTCALL,
      "lookup(keys, index, blk_key, out) -> n"},
+    {"layout_keys", (PyCFunction)(void (*)(void))kv_layout_keys, METH_FASTCALL,
+     "layout_keys(dense_ids, hash_block_tokens, block_size, out)"},
     {"prefix_len", (PyCFunction)(void (*)(void))kv_prefix_len, METH_FASTCALL,
      "prefix_len(keys, index, blk_key) -> n"},
     {NULL, NULL, 0, NULL},

@@ -530,6 +530,11 @@ class PrefixLayout:
         if n == 0:
             self.keys = np.empty(0, dtype=np.int64)
             return
+        if _K is not None:
+            keys = np.empty(n, dtype=np.int64)
+            _K.layout_keys(np.ascontiguousarray(dense_ids, dtype=np.int64), t, block_size, keys)
+            self.keys = keys
+            return
         slots = (t - 1) // block_size + 1
         if t % block_size == 0:
             # engine blocks tile each trace block: keys id*S + 0..S-1, in order

@@ -114,3 +114,19 @@ def test_the_c_loops_refuse_what_numpy_would_refuse() -> None:
     with pytest.raises(TypeError, match="4-byte items"):  # int32 ids
         _kvcore.touch(np.array([1], dtype=np.int32), pool.ref, pool.free_stamp)
     assert pool.ref.tolist() == [0] * 8  # nothing half done
+
+
+@pytest.mark.parametrize("block_size, hash_block_tokens", [(16, 512), (64, 512), (16, 16),
+                                                           (48, 512), (512, 64), (7, 100)])
+def test_prefix_layout_keys_are_the_same(block_size: int, hash_block_tokens: int) -> None:
+    rng = np.random.default_rng(block_size * 1000 + hash_block_tokens)
+    counting = Counting()
+    for _ in range(50):
+        dense = rng.integers(0, 10_000, int(rng.integers(0, 40))).astype(np.int64)
+        tokens = int(rng.integers(1, 40 * hash_block_tokens))
+        keys = [with_kernel(kernel, partial(kv.PrefixLayout, dense, tokens, block_size,
+                                            hash_block_tokens))
+                for kernel in (None, counting)]
+        assert keys[0].num_hashed == keys[1].num_hashed
+        assert keys[0].keys.tolist() == keys[1].keys.tolist()
+    assert counting.calls.get("layout_keys", 0) > 0
