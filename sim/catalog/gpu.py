@@ -4,6 +4,7 @@ fields."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from collections.abc import Mapping
@@ -118,9 +119,18 @@ def _read_yaml(path: Path) -> Any:
         raise CatalogError(str(path), f"cannot read ({e.strerror})", "check the path") from None
 
 
+# the bundled catalog as parsed, by the file's mtime: a screening worker resolves a GPU
+# per config, and parsing the YAML each time cost ~0.04 s of a ~1.7 s config
+_BUNDLED: dict[int, dict[str, Any]] = {}
+
+
 def bundled_gpus() -> dict[str, Any]:
-    data = _read_yaml(GPUS_FILE)
-    return dict(data["gpus"])
+    """The bundled GPU entries (a fresh copy: callers may change it)."""
+    mtime = GPUS_FILE.stat().st_mtime_ns
+    if mtime not in _BUNDLED:
+        _BUNDLED.clear()
+        _BUNDLED[mtime] = dict(_read_yaml(GPUS_FILE)["gpus"])
+    return copy.deepcopy(_BUNDLED[mtime])
 
 
 def load_gpu(name_or_path: str | Path) -> GpuSpec:

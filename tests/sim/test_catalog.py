@@ -345,3 +345,12 @@ def test_unknown_gpu_lists_bundled_names() -> None:
         load_gpu("TPU-v5")
     for name in ("H100-SXM", "H200-SXM", "A100-SXM-80GB", "B200", "L40S"):
         assert name in str(e.value)
+
+
+def test_the_bundled_gpu_catalog_is_parsed_once_and_handed_out_as_copies() -> None:
+    first = bundled_gpus()
+    name = next(iter(first))
+    first[name]["memory_gb"] = -1  # a caller changing its copy
+    first.pop(name)
+    again = bundled_gpus()
+    assert name in again and again[name].get("memory_gb") != -1

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import math
+import os
 import re
 import time
 from datetime import datetime, timedelta
@@ -869,3 +870,25 @@ def test_rate_schedule_errors_name_the_entry(schedule) -> None:
     with pytest.raises(TraceError) as e:
         synthesize(spec, np.random.default_rng(0))
     assert "rate_schedule" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_a_trace_loaded_again_unchanged_is_not_parsed_again(tmp_path: Path) -> None:
+    from sim.workload import loaders
+
+    path = tmp_path / "t.jsonl"
+    rows = [{"timestamp": 0, "input_length": 10, "output_length": 2, "hash_ids": [1]},
+            {"timestamp": 5, "input_length": 600, "output_length": 3, "hash_ids": [1, 2]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    first = loaders.load_trace(path)
+    assert loaders.load_trace(path) is first  # one parse per process for a screen's configs
+    with pytest.raises(ValueError, match="read-only"):
+        first.input_tokens[0] = 99  # shared, so nobody may change it
+    rows[1]["input_length"] = 601
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = time.time() + 5
+    os.utime(path, (t, t))  # an edit within the clock's resolution still shows
+    again = loaders.load_trace(path)
+    assert again is not first and again.input_tokens.tolist() == [10, 601]
+    assert loaders.load_trace(str(path)) is again
+    other = loaders.load_trace(f"{tmp_path}/./t.jsonl")  # another spelling: its own name
+    assert other is not again and other.source.endswith("/./t.jsonl")
