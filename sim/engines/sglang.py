@@ -514,8 +514,8 @@ class SglangEngine:
             got = self._decision_paths()
             if got is None:
                 return 1
-            paths, fallback = got
-            k = self._admit_horizon(k, cum, ratios, paths[-1] if paths else [])
+            paths, fallback, head = got
+            k = self._admit_horizon(k, cum, ratios, paths[-1], head)
             if k <= 1:
                 return 1
         plan.requests = list(reqs)
@@ -541,32 +541,41 @@ class SglangEngine:
         out[0] = self.new_token_ratio  # (a retraction can leave it below the minimum)
         return out
 
-    def _decision_paths(self) -> tuple[list[list[Node]], bool] | None:
+    def _decision_paths(self) -> tuple[list[list[Node]], bool, Request] | None:
         """What one more decision of a run step does to the tree: the paths its
-        matches touch (``_order_waiting``'s, then the head's in ``_admit``) and
-        whether it counts an lpm fallback. None if a match would split a node."""
+        matches touch (``_order_waiting``'s, then the head's in ``_admit``), whether it
+        counts an lpm fallback, and the request at the head of WAITING then. With lpm
+        that is the first of the longest matches on the tree as it is now, not the
+        queue's head: the last decision sorted the queue before its own decode step
+        evicted, so the next one may sort it otherwise. None if a match would split a
+        node."""
         pool = self.pool
         paths: list[list[Node]] = []
         fallback = False
+        head = self.waiting[0]
         if self.schedule_policy == "lpm":
             if len(self.waiting) > LPM_FALLBACK_QUEUE_LEN:
                 fallback = True
             else:
+                longest = -1
                 for r in self.waiting:
                     path = pool.match_path(self._segs(r), r.num_tokens - 1)
                     if path is None:
                         return None
                     paths.append(path)
-        head = self.waiting[0]
+                    matched = path[-1].end if path else 0
+                    if matched > longest:  # the first of the longest: the stable sort's
+                        longest, head = matched, r
         path = pool.match_path(self._segs(head), head.num_tokens - 1)
         if path is None:
             return None
         paths.append(path)
-        return paths, fallback
+        return paths, fallback, head
 
     def _admit_horizon(self, k: int, cum: np.ndarray, ratios: np.ndarray,
-                       path: list[Node]) -> int:
-        """First step j in [1, k) whose decision admits the head of WAITING (k if none).
+                       path: list[Node], head: Request) -> int:
+        """First step j in [1, k) whose decision admits ``head``, the head of WAITING at
+        those decisions (k if none).
 
         ``_admit``'s test at step j: the head's match (``path``) and its lock are
         fixed; free slots are those left after steps 1..j-1; each running request's
@@ -574,7 +583,6 @@ class SglangEngine:
         order ``_prefill`` adds them, so the floats are step-by-step's."""
         cfg = self.config
         page = cfg.page_size
-        head = self.waiting[0]
         prefix = path[-1].end if path else 0
         ext = head.num_tokens - prefix
         total = ext + self._max_new(head)

@@ -239,3 +239,34 @@ def test_run_ends_before_a_retraction() -> None:
     assert_same(step, ff)
     assert _runs(ff[0])[:4] == [1, 1, 5, 1]
     assert ff[0].engines[0].num_preemptions == 1
+
+
+def test_lpm_head_after_the_runs_first_step_evicted() -> None:
+    """Found by the property test above (CI, 2026-11-27): worker 0's decode step at
+    0.374 s evicts the tree to make room. Its lpm sort had come before that and left
+    request 3 ahead of request 15; the next decision sorts again on the evicted tree,
+    request 15 (22 of 23 tokens cached under a running request's lock) comes first and
+    is admitted at 0.386 s. The run's admission horizon must test that request, not
+    the queue's head, or fast-forward admits it 0.19 s late."""
+    hash_ids = [[100000], list(range(12)), [0], [0, *range(103001, 103031)],
+                [104000, 104001], [0], [0], [107000], [108000], [109000], [110000],
+                [111000], [112000], [113000], [114000], list(range(12)), [0]]
+    trace = make_trace([0.0] * 15 + [0.3, 0.3],
+                       [1, 23, 1, 61, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 23, 1],
+                       [1, 30, 12, 12, 3, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1, 2, 7], hash_ids,
+                       hash_block_tokens=2)
+    cfg = SglangConfig(max_running_requests=10, max_total_tokens=111,
+                       chunked_prefill_size=-1, max_prefill_tokens=1024,
+                       schedule_policy="lpm", enable_mixed_chunk=False,
+                       init_new_token_ratio=0.4, new_token_ratio_decay=0.2,
+                       min_new_token_ratio=0.4, enable_prefix_caching=True,
+                       radix_eviction_policy="fifo", page_size=1, max_model_len=109,
+                       ignore_eos=False, clip_max_new_tokens=4096, retract_decode_steps=1)
+    timing = LinearTiming(base=0.01, per_prefill_token=0.001, per_decode_seq=0.002,
+                          per_context=1e-5)
+    params = {"view": "exact", "overlap_score_weight": 4.0, "temperature": 0.5}
+    step = run_sglang(trace, cfg, 3, False, timing, None, "kv_aware", params)
+    ff = run_sglang(trace, cfg, 3, True, timing, None, "kv_aware", params)
+    assert step[1].columns["worker_id"][15] == 0
+    assert step[1].columns["first_token_s"][15] < 0.42  # admitted at the next decision
+    assert_same(step, ff)
