@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -84,10 +85,15 @@ def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 10
                                                    2048),
                  decode_batches: Sequence[int] = (1, 2, 4, 8, 16, 32),
                  repeats: int = 2, decode_prompt_tokens: int = 32,
-                 decode_output_tokens: int = 96) -> list[Phase]:
+                 decode_output_tokens: int = 96,
+                 long_decodes: Sequence[tuple[int, int]] = ((1, 2048), (2, 1024), (4, 1024),
+                                                            (4, 2048), (8, 512))
+                 ) -> list[Phase]:
     """(a) pure prefill over a grid of prompt lengths (lengths above the engine's
     max_num_batched_tokens come out as chunks after a cached part), (b) decode batches,
-    (c) decoders with prefills of each length beside them."""
+    (c) decoders with prefills of each length beside them, (d) decode batches over long
+    contexts, (batch, prompt tokens) each: a served trace decodes over contexts of
+    thousands of tokens, and only these steps tell the fit what reading them costs."""
     phases = [Phase(f"prefill-{n}", (Group(n, 1, repeats, sequential=True),))
               for n in prefill_lengths]
     phases += [Phase(f"decode-x{b}-r{r}", (Group(decode_prompt_tokens,
@@ -99,14 +105,26 @@ def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 10
             phases.append(Phase(f"mix-x{b}-p{n}", (
                 Group(decode_prompt_tokens, 2 * decode_output_tokens, b),
                 Group(n, 1, repeats, start_s=0.5, sequential=True))))
+    phases += [Phase(f"decode-x{b}-ctx{n}", (Group(n, decode_output_tokens // 2, b),))
+               for b, n in long_decodes]
     return phases
+
+
+def within_model_len(plan: Sequence[Phase], max_model_len: int | None) -> list[Phase]:
+    """The plan without the phases a request of which would not fit ``max_model_len``
+    (prompt + output tokens): the engine would refuse it."""
+    if not max_model_len:
+        return list(plan)
+    return [p for p in plan
+            if all(g.num_prompt_tokens + g.num_output_tokens <= max_model_len
+                   for g in p.groups)]
 
 
 def small_plan() -> list[Phase]:
     """A few seconds of requests on the tiny CPU engine: tests and smoke runs."""
     return [*default_plan(prefill_lengths=(32, 300), decode_batches=(1, 4), repeats=1,
-                          decode_output_tokens=16),
-            Phase("mix-x4-p300", (Group(32, 48, 4), Group(300, 1, 1, start_s=0.3)))]
+                          decode_output_tokens=16, long_decodes=((2, 400),)),
+            Phase("mix-x4-p300", (Group(32, 64, 4), Group(300, 1, 1, start_s=0.3)))]
 
 
 # --------------------------------------------------------------------------- join
@@ -230,6 +248,19 @@ class ProfilingResult:
     rows_by_regime: dict[str, int]
     requests_wall_s: float
     engine_version: str | None
+    # per phase: name, span_s (first send to last response), num_steps, busy_s (the steps'
+    # logged elapsed times), gap_s (span - busy, per step)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def step_gap_s(self) -> float | None:
+        """Host time per step that the log's elapsed times leave out, from the phases long
+        enough for the per-request costs (HTTP, tokenising) to vanish beside it: the
+        median over phases of >= 50 steps. vLLM times only the model's execution
+        (vllm-project/vllm:vllm/v1/engine/core.py @ v0.32.0, capture_iteration_details):
+        scheduling, applying the outputs and taking in requests fall between the lines."""
+        gaps = [p["gap_s"] for p in self.phases if p["num_steps"] >= 50]
+        return float(np.median(gaps)) if gaps else None
 
     @property
     def num_dropped(self) -> int:
@@ -240,6 +271,10 @@ class ProfilingResult:
                  f"{self.num_steps} steps logged, {self.num_rows} rows "
                  f"({', '.join(f'{k} {v}' for k, v in sorted(self.rows_by_regime.items()))}),"
                  f" {self.num_dropped} dropped"]
+        if self.step_gap_s is not None:
+            lines.append(f"  host time between steps, outside the logged elapsed: "
+                         f"{1e3 * self.step_gap_s:.2f} ms a step (median of "
+                         f"{sum(p['num_steps'] >= 50 for p in self.phases)} phases)")
         lines += [f"  dropped {n}: {why}" for why, n in sorted(self.dropped.items())]
         lines += [f"  note: {n}" for n in self.notes]
         lines.append(f"  rows: {self.csv_path}")
@@ -258,17 +293,22 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
     if not log_path.is_file():
         raise InputError(str(log_path), "no such engine log", "give the file the running "
                          "vLLM (--enable-logging-iteration-details) writes its output to")
-    first_line = count_lines(log_path) + 1
+    first_line = _settled_line_count(log_path) + 1
     t0 = time.monotonic()
-    sent = asyncio.run(_run_plan(base_url.rstrip("/"), plan, model, seed))
+    spans: list[tuple[float, float]] = []
+    sent = asyncio.run(_run_plan(base_url.rstrip("/"), plan, model, seed, spans))
     wall = time.monotonic() - t0
     expected = sum(r.num_prompt_tokens - r.num_cached_tokens + r.num_output_tokens - 1
                    for phase in sent for r in phase)
     log = _wait_for_steps(log_path, first_line, expected, log_wait_s)
     steps = log.steps[~log.steps["is_dummy"]].sort_values("iteration", kind="stable")
     joined = Joined()
-    for phase, phase_steps, phase_sent in zip(plan, split_phases(steps, sent), sent,
-                                              strict=True):
+    parts = split_phases(steps, sent)
+    phases = [{"name": phase.name, "span_s": b - a, "num_steps": len(ps),
+               "busy_s": float(ps["elapsed_s"].sum()),
+               "gap_s": (b - a - float(ps["elapsed_s"].sum())) / max(len(ps), 1)}
+              for phase, ps, (a, b) in zip(plan, parts, spans, strict=True)]
+    for phase, phase_steps, phase_sent in zip(plan, parts, sent, strict=True):
         j = join_phase(phase_steps, phase_sent)
         joined.rows += j.rows
         joined.dropped.update(j.dropped)
@@ -290,9 +330,27 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
         df.to_csv(out_csv, index=False)
     regimes = ({str(k): int(v) for k, v in measurements.regime(df).value_counts().items()}
                if rows else {})
+    pd.DataFrame(phases).to_csv(out_csv.with_suffix(".phases.csv"), index=False)
     return ProfilingResult(out_csv, log_path, sum(len(p) for p in sent), len(steps),
                            len(rows), dict(joined.dropped), joined.notes, regimes, wall,
-                           log.version)
+                           log.version, phases)
+
+
+def _settled_line_count(log_path: Path, quiet_s: float = 1.0, wait_s: float = 15.0) -> int:
+    """The log's line count once it has stopped growing for ``quiet_s``: step lines of
+    requests that just finished (a warm-up) are written after their responses, and must not
+    be counted as the plan's."""
+    n = count_lines(log_path)
+    since = time.monotonic()
+    deadline = since + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        m = count_lines(log_path)
+        if m != n:
+            n, since = m, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return n
 
 
 def _wait_for_steps(log_path: Path, first_line: int, expected: int, wait_s: float) -> Any:
@@ -309,18 +367,27 @@ def _wait_for_steps(log_path: Path, first_line: int, expected: int, wait_s: floa
 
 
 async def _run_plan(base_url: str, plan: list[Phase], model: str | None,
-                    seed: int | None) -> list[list[Sent]]:
+                    seed: int | None,
+                    spans: list[tuple[float, float]] | None = None) -> list[list[Sent]]:
+    """The plan's requests, phase after phase; ``spans`` gets each phase's (start, end) on
+    the monotonic clock: first send to last response."""
     rng = np.random.default_rng(seed)
     timeout = aiohttp.ClientTimeout(total=600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # a fresh connection per request: a pooled one the server has just closed for idling
+    # (uvicorn's 5 s keep-alive, after a long phase) fails the request it is reused for
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         if model is None:
             async with session.get(base_url + "/v1/models") as resp:
                 model = (await resp.json())["data"][0]["id"]
         out = []
         for phase in plan:
             groups = phase.arrival_order()
+            t0 = time.monotonic()
             results = await asyncio.gather(*(_run_group(session, base_url, model, g, rng)
                                              for g in groups))
+            if spans is not None:
+                spans.append((t0, time.monotonic()))
             out.append([s for group in results for s in group])
     return out
 
@@ -338,14 +405,27 @@ async def _run_group(session: aiohttp.ClientSession, base_url: str, model: str, 
 
 async def _send(session: aiohttp.ClientSession, base_url: str, model: str, prompt: list[int],
                 num_output_tokens: int) -> Sent:
+    # streamed, as served traffic is: the API server's per-token work then competes with
+    # the engine for the host as it does in a replay
     body = {"model": model, "prompt": prompt, "max_tokens": num_output_tokens,
-            "min_tokens": num_output_tokens, "ignore_eos": True, "temperature": 0}
+            "min_tokens": num_output_tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    usage = None
     async with session.post(base_url + "/v1/completions", json=body) as resp:
-        data = await resp.json(content_type=None)
         if resp.status != 200:
+            text = await resp.text()
             raise ServetwinError(f"{base_url}: profiling request failed with HTTP "
-                                 f"{resp.status}: {str(data)[:300]}")
-    usage = data["usage"]
+                                 f"{resp.status}: {text[:300]}")
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("usage"):
+                usage = event["usage"]
+    if usage is None:
+        raise ServetwinError(f"{base_url}: the stream ended without usage (vLLM sends it "
+                             "with stream_options.include_usage)")
     if usage["prompt_tokens"] != len(prompt) or usage["completion_tokens"] != num_output_tokens:
         raise ServetwinError(f"{base_url}: usage {usage} differs from the request "
                              f"({len(prompt)} prompt, {num_output_tokens} output tokens)")

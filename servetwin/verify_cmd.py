@@ -28,6 +28,12 @@ def add_parser(sub: Any) -> None:
                    help="override a field of every config, e.g. --set workload.max_requests=100")
     v.add_argument("--profile", default=None, metavar="PROFILE.yaml",
                    help="predict with this timing profile (from `servetwin calibrate`)")
+    v.add_argument("--calibrate-first", nargs="?", const="default", default=None,
+                   choices=("default", "small"), metavar="PLAN",
+                   help="vLLM: start each config's engine with its step log, profile it with "
+                   "calibrate.profiling's plan (default, ~45 s on a CPU engine; or small) "
+                   "right before the replay, and predict the config with the profile fitted "
+                   "from those steps (written to CONFIG/calibration/)")
     v.add_argument("--engine-python", default=sys.executable,
                    help="python with vllm / sglang installed (default: this one)")
     v.add_argument("--llama-server", default="llama-server", help="llama-server binary")
@@ -80,6 +86,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.trace:
         overrides.append(f"workload.trace={Path(args.trace).resolve()}")
+    if args.profile and args.calibrate_first:
+        raise InputError("--profile", "given with --calibrate-first, which fits each config's "
+                         "profile on its own engine", "drop one of the two")
     if args.profile:
         from calibrate.profile import load_profile
 
@@ -103,7 +112,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
         warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,
-        only=args.only, http_client=args.http_client)
+        only=args.only, http_client=args.http_client, calibrate_plan=args.calibrate_first)
     out = _run_dir(Path("reports"), "verify", args.out)
     result = verify(Path(args.shortlist), out, opts)
     print(format_comparison(result.comparison))

@@ -145,8 +145,12 @@ def _vllm(sc: Scenario, model: str, host: str, port: int, name: str,
         argv += ["--watermark", str(e.watermark)]
     if iteration_log:
         argv += ["--enable-logging-iteration-details", "--no-async-scheduling"]
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1",
+    env = {
+        # vLLM logs to stdout, block-buffered into the log file: unbuffered, each step's
+        # line is there when its response is (calibrate.profiling reads them as they come)
+        **({"PYTHONUNBUFFERED": "1"} if iteration_log else {}),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
            # registers POST /reset_prefix_cache (vllm/entrypoints/serve/dev @ v0.33.0)
            "VLLM_SERVER_DEV_MODE": "1"}
     return argv, env, notes

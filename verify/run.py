@@ -4,8 +4,11 @@ For each config of a shortlist (or plain list of scenarios):
 
 1. deploy the engine(s) it describes — one process per worker — or attach to endpoints
    that already run; wait for /health;
-2. warm up with a few requests of their own random tokens (so compilation and first-call
-   costs stay out of the measurement), then reset the prefix cache where the engine allows;
+2. with ``calibrate_plan`` (vLLM), profile the engine just started with calibrate.profiling's
+   controlled request shapes and fit its own timing profile, which then predicts this
+   config; warm up with a few requests of their own random tokens (so compilation and
+   first-call costs stay out of the measurement); reset the prefix cache where the engine
+   allows;
 3. snapshot /metrics, replay the config's trace with the load generator while a scraper
    samples /metrics, snapshot again;
 4. stop the engine; simulate the same trace with the same knobs and the KV block count
@@ -18,6 +21,7 @@ and every file is written as its data arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -68,6 +72,9 @@ class VerifyOptions:
     force: bool = False  # redo configs that already have done.json
     only: list[str] = field(default_factory=list)  # config_ids to run (default: all)
     http_client: str = "raw"  # the load generator's: raw (verify/http1.py) or aiohttp
+    # "default" / "small": profile each deployed vLLM with calibrate.profiling's plan of that
+    # name right before its replay and predict the config with the profile fitted from it
+    calibrate_plan: str | None = None
 
 
 @dataclass
@@ -164,6 +171,7 @@ class Measured:
     replay: Any  # loadgen.ReplaySummary
     launch: list[dict[str, Any]]
     notes: list[str]
+    profile_path: Path | None = None  # the timing profile fitted on this deployment
 
 
 def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
@@ -186,7 +194,7 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
         for w in range(sc.cluster.num_workers):
             spec = render(opts.engine, sc, opts.model_path, port=opts.base_port + w,
                           host=opts.host, served_model_name=opts.served_model_name,
-                          install=opts.install)
+                          install=opts.install, iteration_log=bool(opts.calibrate_plan))
             launch.append({"worker_id": w, "argv": spec.argv, "env": spec.env,
                            "notes": list(spec.notes)})
             notes.extend(n for n in spec.notes if n not in notes)
@@ -205,6 +213,10 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
         builder = PromptBuilder(opts.seed, resolved_trace.hash_block_tokens or 16,
                                 vocab_low=400, vocab_high=32000)
         force_close = opts.engine == "llamacpp"
+        profile_path = None
+        if opts.calibrate_plan:  # first, so no other request's steps are in the log yet
+            profile_path = calibrate_in_place(entry, deployments[0], opts,
+                                              out_dir / "calibration", notes, say)
         if opts.warmup_requests:
             _warm_up(endpoints, opts, out_dir / "warmup", force_close)
         _reset_prefix_cache(endpoints, opts.engine, notes)
@@ -243,7 +255,66 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
         for d in deployments:
             d.stop()
     return Measured(out_dir, Path(summary.records_path), out_dir / "metrics.jsonl", counters,
-                    info, summary, launch, notes)
+                    info, summary, launch, notes, profile_path)
+
+
+def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, out: Path,
+                       notes: list[str], say: Say = _say) -> Path:
+    """Profile the running vLLM ``d`` (started with its step log) with the named plan, fit
+    the timing profile of this config's model, GPU, TP and dtype from its steps, and write
+    ``out``/profile.yaml (with steps.csv beside it). Every worker of a config runs the same
+    launch on the same kind of device, so worker 0's profile stands for all."""
+    from calibrate.fit import fit, kfold
+    from calibrate.profile import profile_doc, write_profile
+    from calibrate.profiling import default_plan, profile_engine, small_plan, within_model_len
+
+    sc = entry.loaded.scenario
+    plan = {"default": default_plan, "small": small_plan}[opts.calibrate_plan or "default"]()
+    plan = within_model_len(plan, getattr(sc.engine, "max_model_len", None))
+    say(f"  [{entry.config_id}] calibrating: {opts.calibrate_plan} profiling plan, "
+        f"{sum(g.count for p in plan for g in p.groups)} requests")
+    out.mkdir(parents=True, exist_ok=True)
+    res = profile_engine(d.spec.base_url, d.log_path, out / "steps.csv", plan,
+                         model=opts.served_model_name, seed=opts.seed + 1)
+    (out / "profiling.txt").write_text(res.format() + "\n", encoding="utf-8")
+    say(f"  [{entry.config_id}] " + res.format().splitlines()[0])
+    if res.num_rows < 10:
+        raise InputError(str(out / "steps.csv"), f"{res.num_rows} usable steps from the "
+                         "profiling run (see profiling.txt)", "check the engine log; a config "
+                         "whose max_num_seqs or token budget is tiny may need the default plan")
+    from calibrate import measurements
+
+    df = measurements.read(out / "steps.csv")
+    resolved = resolve(entry.loaded)
+    e = sc.engine
+    tp = int(getattr(e, "tensor_parallel_size", 1) or 1)
+    result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype)
+    folds = kfold(df, resolved.model, resolved.gpu, tp, sc.dtype, k=5, seed=0)
+    gap = res.step_gap_s
+    if gap is not None and gap > 0:
+        # the fit sees each step's logged (model) time; a served step also spends the host
+        # time between the lines, measured on the same engine during the same profiling
+        result = dataclasses.replace(result, profile=dataclasses.replace(
+            result.profile, step_overhead_s=result.profile.step_overhead_s + gap))
+    first = df.iloc[0]
+    doc = profile_doc(result, gpu=resolved.gpu.name, engine=str(first["engine"]),
+                      engine_version=str(first["engine_version"]), model=resolved.model.name,
+                      dtype=sc.dtype, tp=tp, sources=[f"{out / 'steps.csv'} (profiled in place "
+                                                       f"before the replay)"], kfold=folds)
+    if gap is not None:
+        doc["provenance"]["host_step_gap_s"] = gap
+        doc["provenance"]["host_step_gap_note"] = (
+            "host time per step outside vLLM's logged elapsed time (phase wall time minus "
+            "the steps' elapsed, median over phases of >= 50 steps), added to "
+            "step_overhead_s" if gap > 0 else "measured <= 0: not added")
+    path = write_profile(out / "profile.yaml", doc)
+    med = folds.by_regime["all"]["median_ape"]
+    say(f"  [{entry.config_id}] fitted {path} ({len(df)} steps, held-out median error "
+        f"{100 * med:.1f} %)")
+    notes.append(f"predicted with the timing profile fitted on this deployment right before "
+                 f"its replay ({opts.calibrate_plan} profiling plan, {len(df)} steps; "
+                 f"calibration/profile.yaml)")
+    return path
 
 
 def _rebase_series(out_dir: Path) -> None:
@@ -346,17 +417,25 @@ def _progress(cid: str, say: Say) -> Callable[[int, int, int], None]:
 
 
 # ----------------------------------------------------------------- predict
-def predict(entry: ConfigEntry, num_gpu_blocks: int | None) -> tuple[SimResult, list[str]]:
-    """The simulator on the same trace and knobs, with the engine's own KV block count."""
+def predict(entry: ConfigEntry, num_gpu_blocks: int | None,
+            profile: Path | None = None) -> tuple[SimResult, list[str]]:
+    """The simulator on the same trace and knobs, with the engine's own KV block count;
+    ``profile``: a timing profile YAML that replaces the config's timing section."""
     notes = []
     loaded = entry.loaded
     e = loaded.scenario.engine
+    raw = json.loads(json.dumps(loaded.raw))
+    changed = False
     if (num_gpu_blocks is not None and isinstance(e, VllmEngineSpec)
             and e.num_gpu_blocks_override is None):
-        raw = json.loads(json.dumps(loaded.raw))
         raw.setdefault("engine", {})["num_gpu_blocks_override"] = num_gpu_blocks
-        loaded = validate_scenario(raw, loaded.lines, loaded.path, [])
+        changed = True
         notes.append(f"simulated with the engine's resolved KV cache: {num_gpu_blocks} blocks")
+    if profile is not None:
+        raw["timing"] = {"kind": "roofline", "profile_name": str(profile.resolve())}
+        changed = True
+    if changed:
+        loaded = validate_scenario(raw, loaded.lines, loaded.path, [])
     result = simulate(resolve(loaded))
     return result, notes
 
@@ -386,6 +465,18 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
         entries = [e for e in entries if e.config_id in opts.only]
     for e in entries:  # before anything is deployed
         check_engine_fits(opts.engine, e.loaded.scenario, f"{shortlist}: config {e.config_id}")
+    if opts.calibrate_plan:
+        if opts.calibrate_plan not in ("default", "small"):
+            raise InputError("--calibrate-first", f"{opts.calibrate_plan!r}: no such plan",
+                             "use default or small")
+        if opts.engine != "vllm":
+            raise InputError("--calibrate-first", f"--engine {opts.engine}: profiling in "
+                             "place reads vLLM's step log", "drop --calibrate-first, or "
+                             "profile the engine yourself and pass --profile")
+        if opts.endpoints:
+            raise InputError("--calibrate-first", "with --endpoints: an attached engine's "
+                             "step log is not ours to read", "let verify deploy the engine, "
+                             "or profile it with python -m calibrate.profiling")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     with teardown_on_signals():
@@ -403,13 +494,16 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
                     _clear(cdir)  # killed half-way, or --force: measure from scratch
                 m = measure_config(entry, resolved.trace, opts, cdir, say)
                 state = {"counters": m.counters, "engine_info": m.engine_info,
-                         "notes": m.notes, "replay": _plain(m.replay)}
+                         "notes": m.notes, "replay": _plain(m.replay),
+                         "profile": (str(m.profile_path.relative_to(cdir))
+                                     if m.profile_path else None)}
                 _write_json(done, state)
             blocks = state["engine_info"].get("num_gpu_blocks")
             pinned = int(blocks) if blocks not in (None, "", "None") else None
             if opts.engine != "vllm":
                 pinned = None  # only vLLM's paged cache is modelled block for block
-            result, pnotes = predict(entry, pinned)
+            fitted = state.get("profile")
+            result, pnotes = predict(entry, pinned, cdir / fitted if fitted else None)
             block = cache_block_tokens(entry.loaded)
             bound = trace_prefix_tokens(resolved.trace, block)
             prompt_total = int(resolved.trace.input_tokens.sum())

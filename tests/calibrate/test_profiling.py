@@ -15,12 +15,15 @@ from calibrate import measurements
 from calibrate.profiling import (
     Group,
     Phase,
+    ProfilingResult,
     Sent,
+    default_plan,
     join_phase,
     profile_engine,
     small_plan,
     split_phases,
     tiny_vllm_spec,
+    within_model_len,
 )
 from calibrate.vllm_log import parse_lines
 from sim.errors import InputError
@@ -161,6 +164,32 @@ def test_plan_rejects_ambiguous_arrival_order() -> None:
         Phase("x", (Group(8, 1), Group(16, 1)))
 
 
+def test_step_gap_is_the_median_over_long_phases_only() -> None:
+    def phase(steps: int, gap_ms: float) -> dict[str, float | int | str]:
+        return {"name": "p", "num_steps": steps, "gap_s": gap_ms / 1e3,
+                "span_s": 0.0, "busy_s": 0.0}
+
+    res = ProfilingResult(Path("s.csv"), Path("l.log"), 0, 0, 0, {}, [], {}, 0.0, None,
+                          [phase(2, 9.0), phase(96, 1.0), phase(193, 1.2), phase(770, 1.6)])
+    assert res.step_gap_s == pytest.approx(1.2e-3)  # the 2-step phase's 9 ms is left out
+    assert "1.20 ms a step (median of 3 phases)" in res.format()
+    short = ProfilingResult(Path("s.csv"), Path("l.log"), 0, 0, 0, {}, [], {}, 0.0, None,
+                            [phase(2, 9.0)])
+    assert short.step_gap_s is None and "between steps" not in short.format()
+
+
+def test_default_plan_decodes_over_long_contexts_and_fits_a_model_length() -> None:
+    plan = default_plan()
+    longest = max(g.num_prompt_tokens for p in plan for g in p.groups if g.num_output_tokens > 1)
+    assert longest >= 2048  # a served trace decodes over contexts of thousands of tokens
+    short = within_model_len(plan, 1024)
+    assert short and all(g.num_prompt_tokens + g.num_output_tokens <= 1024
+                         for p in short for g in p.groups)
+    assert {p.name for p in plan} - {p.name for p in short} >= {"prefill-2048",
+                                                              "decode-x4-ctx2048"}
+    assert within_model_len(plan, None) == plan
+
+
 @pytest.mark.slow
 def test_profile_real_vllm_cpu(tmp_path: Path) -> None:
     from verify.deploy import Deployment
@@ -173,6 +202,10 @@ def test_profile_real_vllm_cpu(tmp_path: Path) -> None:
         t0 = time.monotonic()
         res = profile_engine(spec.base_url, log, tmp_path / "steps.csv", plan)
         assert time.monotonic() - t0 < 60
+    # every phase timed; the host time between steps is small but there
+    assert [p["name"] for p in res.phases] == [p.name for p in plan]
+    assert res.step_gap_s is not None and 0 < res.step_gap_s < 0.02
+    assert (tmp_path / "steps.phases.csv").is_file()
     assert res.engine_version == "0.32.0"
     assert res.num_dropped == 0 and not res.notes, res.format()
     assert res.rows_by_regime.get("prefill", 0) >= 3 and res.rows_by_regime.get("decode", 0) > 20

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sim.scenario import Scenario
 from sim.simulate import resolve
@@ -33,6 +34,10 @@ pytestmark = pytest.mark.slow
 # 15 s of the Mooncake conversation trace with the most prefix reuse inside it (9 % of its
 # hash blocks repeat an earlier request's prefix), at twice its rate: 53 requests
 SLICE = ["workload.start_s=1605", "workload.end_s=1620"]
+# the reference replay of reports/loop-tiny-vllm-cpu, its whole minute (218 requests)
+LOOP_SLICE: list[str] = []
+# the calibrate issue's bounds on predicted / measured - 1
+P50_BOUND, P90_BOUND = 0.10, 0.15
 
 
 def engine_processes(marker: str) -> list[int]:
@@ -62,17 +67,17 @@ def llama_bed() -> tuple[testbed.LlamaCppTestbed, Path]:
     return testbed.ensure_llamacpp(), testbed.ensure_tiny_gguf()
 
 
-def check_run(out: Path, n_configs: int) -> list[dict]:
+def check_run(out: Path, n_configs: int, n_requests: int = 53) -> list[dict]:
     comp = json.loads((out / "comparison.json").read_text())
     assert len(comp["configs"]) == n_configs
     for c in comp["configs"]:
-        assert c["num_requests"] == 53 and c["num_excluded"] == 0, c["exclusions"]
+        assert c["num_requests"] == n_requests and c["num_excluded"] == 0, c["exclusions"]
         checks = {k["name"]: k for k in c["checks"]}
         # the engine's own accounting equals the sum over the measured records, exactly
         for name in ("prompt tokens", "output tokens", "request lengths"):
             assert checks[name]["passed"], checks[name]
         summary = json.loads((out / c["config_id"] / "replay_summary.json").read_text())
-        assert summary["num_ok"] == 53 and summary["num_error"] == 0
+        assert summary["num_ok"] == n_requests and summary["num_error"] == 0
     assert (out / "report.html").stat().st_size > 10_000
     return list(comp["configs"])
 
@@ -103,6 +108,43 @@ def test_verify_on_real_vllm_cpu(vllm_bed: tuple[testbed.VllmTestbed, Path],
         predicted = c["scalars"]["prefix_cache_hit_rate"]["predicted"]
         measured = c["scalars"]["prefix_cache_hit_rate"]["measured"]
         assert measured == pytest.approx(predicted, abs=0.02)
+    assert engine_processes(str(model)) == []
+
+
+def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbed, Path],
+                                             tmp_path: Path) -> None:
+    """The calibrate loop on a short slice: verify profiles the engine it just started
+    (calibrate.profiling's default plan, a workload the replay never sends), fits that
+    engine's profile from those steps alone, replays the slice on the same engine and
+    predicts it with that profile. The load generator runs off the engine's compute core,
+    as in reports/loop-tiny-vllm-cpu/run.py."""
+    vllm, model = vllm_bed
+    cpus = os.sched_getaffinity(0)
+    opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
+                         install=EngineInstall(python=str(vllm.python), env=vllm.env,
+                                               cpus=tuple(sorted(cpus))),
+                         base_port=18341, overrides=LOOP_SLICE, ready_timeout_s=400,
+                         only=["seqs8-mbt512"], calibrate_plan="default")
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {max(cpus)})
+    try:
+        verify(TINY, tmp_path, opts)
+    finally:
+        os.sched_setaffinity(0, cpus)
+    (c,) = check_run(tmp_path, 1, 218)
+    cal = tmp_path / "seqs8-mbt512" / "calibration"
+    text = (cal / "profiling.txt").read_text()
+    assert " 0 dropped" in text, text
+    doc = yaml.safe_load((cal / "profile.yaml").read_text())
+    assert doc["provenance"]["engine_version"] == "0.32.0"
+    assert 0 < doc["provenance"]["host_step_gap_s"] < 0.02
+    assert any("fitted on this deployment" in n for n in c["notes"])
+    errors = {}
+    for m in ("ttft_s", "tpot_s"):
+        for s in ("p50", "p90"):
+            errors[f"{m} {s}"] = c["predicted_summary"][m][s] / c["measured_summary"][m][s] - 1
+    bounds = {"p50": P50_BOUND, "p90": P90_BOUND}
+    assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), errors
     assert engine_processes(str(model)) == []
 
 

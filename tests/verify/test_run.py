@@ -42,6 +42,23 @@ def test_sglang_configs_are_labelled_and_refused_on_vllm_before_any_deploy(
     assert not (tmp_path / "out" / "config0").exists()  # refused before deploying
 
 
+@pytest.mark.parametrize(("args", "match"), [
+    (["--engine", "llamacpp"], "--calibrate-first: --engine llamacpp: profiling in place "
+     "reads vLLM's step log"),
+    (["--endpoints", "http://127.0.0.1:9"], "--calibrate-first: with --endpoints"),
+    (["--profile", "p.yaml"], "--profile: given with --calibrate-first"),
+])
+def test_calibrate_first_refuses_what_it_cannot_profile_before_any_deploy(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+        match: str) -> None:
+    code = main(["verify", str(TINY), "--model-path", "/nowhere", "--calibrate-first",
+                 "--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "seqs4-mbt1024").exists()
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("configs: []\n", "configs: must be a non-empty list"),
     ("configs:\n  - 3\n", r"configs\[0\]: is int, not a mapping"),
