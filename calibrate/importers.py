@@ -85,7 +85,7 @@ from sim.errors import InputError
 
 from .aiconfigurator import _bracket
 from .measurements import COLUMNS, PROVENANCE, frame, read
-from .vllm_log import UnknownVersionWarning, read_step_log
+from .vllm_log import UnknownVersionWarning, log_lines, read_step_log
 
 FORMATS = ("measurements", "vllm-log", "splitwise", "vidur", "sglang-metrics", "sglang-log",
            "llama-timings")
@@ -153,10 +153,7 @@ def _row(p: int, work: float, n_p: int, d: int, c: int, seconds: float) -> dict[
 
 
 def _read_text(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        raise InputError(str(path), f"cannot read ({e.strerror or e})", "check the path") from None
+    return log_lines(path)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

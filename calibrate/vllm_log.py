@@ -91,10 +91,7 @@ def read_step_log(path: str | Path, first_line: int = 1) -> StepLog:
     """The steps of a vLLM server log from line ``first_line`` on (1-based). The version is
     read from the whole log; an unknown or missing one is warned about, never guessed."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as e:
-        raise InputError(str(path), f"cannot read ({e.strerror or e})", "check the path") from None
+    lines = log_lines(path)
     version = find_version(lines)
     if version is None:
         warnings.warn(f"{path}: no vLLM version line found; the step format of vLLM "
@@ -106,6 +103,21 @@ def read_step_log(path: str | Path, first_line: int = 1) -> StepLog:
                       "errors", UnknownVersionWarning, stacklevel=2)
     steps = parse_lines(lines[first_line - 1:], str(path), first_line)
     return StepLog(path, version, steps)
+
+
+def log_lines(path: str | Path) -> list[str]:
+    """The file's lines as count_lines and an editor number them: split at '\\n' only. A
+    server log holds progress bars that redraw with a lone '\\r'; text mode's universal
+    newlines (and str.splitlines) would count each as a line, and a line number taken
+    with count_lines while the server ran would then point a few lines early."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(str(path), f"cannot read ({e.strerror or e})", "check the path") from None
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def count_lines(path: str | Path) -> int:

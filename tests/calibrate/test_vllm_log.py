@@ -47,6 +47,23 @@ def test_read_from_a_line_on() -> None:
     assert count_lines(FIXTURE) == 16
 
 
+def test_progress_bar_carriage_returns_do_not_shift_line_numbers(tmp_path: Path) -> None:
+    # a real server log redraws its progress bars with lone '\r's; a line number taken with
+    # count_lines (verify profiles an engine after its replay from the count at that time)
+    # must name the same line read_step_log numbers: else the last replay lines are read
+    # as the profile's first steps
+    log = tmp_path / "engine.log"
+    lines = FIXTURE.read_text(encoding="utf-8").split("\n")
+    lines.insert(2, "Loading shards:   0% 0/1\rLoading shards: 100% 1/1\r\rdone")
+    log.write_text("\n".join(lines), encoding="utf-8")
+    n = count_lines(log)
+    with log.open("a", encoding="utf-8") as f:
+        f.write(GOOD.replace("Iteration(3)", "Iteration(7)") + "\n")
+    after = read_step_log(log, first_line=n + 1).steps
+    assert after["iteration"].tolist() == [7] and after["line"].tolist() == [n + 1]
+    assert read_step_log(log).steps["line"].tolist()[:2] == [10, 11]
+
+
 def test_gpu_device_dummy_and_encoder_variants() -> None:
     line = ("INFO Engine 001: Iteration(7): 0 context requests, 0 context tokens, 0 generation "
             "requests, 0 generation tokens, iteration elapsed time: 0.00 ms (dummy), GPU KV "
