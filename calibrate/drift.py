@@ -201,6 +201,26 @@ def _regime(g: str, r: np.ndarray, q: tuple[float, float] | None,
     return RegimeDrift(g, n, err, p10, p90, ape, old_ape, (lo, hi), outside, moved, verdict)
 
 
+def logged_time_profile(profile: TimingProfile, meta: Mapping[str, Any],
+                        where: str = "profile") -> tuple[TimingProfile, str | None]:
+    """The profile as the fit saw the step times: a profile fitted in place by `servetwin
+    verify --calibrate-first` adds the host time between vLLM's step lines to its per-step
+    overhead (provenance.host_step_gap_s), and a step line's elapsed time does not contain
+    it. Comparing new step lines against the served-step profile would read that gap as
+    drift, so it comes off again; (profile, a note saying so) or (profile, None)."""
+    prov = meta.get("provenance") or {}
+    raw = prov.get("host_step_gap_s") if isinstance(prov, Mapping) else None
+    if raw is None:
+        return profile, None
+    gap = _number(raw, f"{where}: provenance.host_step_gap_s")
+    if gap <= 0:
+        return profile, None
+    base = max(profile.step_overhead_s - gap, 0.0)
+    return replace(profile, step_overhead_s=base), (
+        f"{where} adds {1e3 * gap:.2f} ms a step of host time between step lines "
+        "(provenance.host_step_gap_s); compared without it, as step lines are logged")
+
+
 def _old_apes(meta: Mapping[str, Any]) -> dict[str, float]:
     fit = meta.get("fit") or {}
     kf = fit.get("kfold") if isinstance(fit, Mapping) else None
@@ -234,6 +254,7 @@ def drift(samples: pd.DataFrame, profile: TimingProfile, meta: Mapping[str, Any]
     df = check_samples(samples, model.name, tp, "samples")
     intervals, intervals_from = stored_intervals(meta, where)
     old_ape = _old_apes(meta)
+    profile, gap_note = logged_time_profile(profile, meta, where)
     predicted = predict(df, model, gpu, tp, dtype, profile)
     measured = df["measured_s"].to_numpy()
     r = np.log(predicted / measured)
@@ -243,6 +264,8 @@ def drift(samples: pd.DataFrame, profile: TimingProfile, meta: Mapping[str, Any]
     every = _regime("all", r, intervals.get("all"), old_ape.get("all"), threshold)
     rows.append(replace(every, moved=False, verdict=""))
     notes = _provenance_notes(df, meta)
+    if gap_note:
+        notes.append(gap_note)
     if not intervals:
         notes.append(f"{where} stores no prediction intervals (fit.intervals): compared on "
                      f"the median error alone, moved beyond ±{100 * threshold:.1f} %")

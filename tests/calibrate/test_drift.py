@@ -3,6 +3,7 @@ bad input, --aic-version, and the CLI end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,23 @@ def test_negative_control_same_profile_with_noise_is_within() -> None:
     for r in result.regimes[:3]:
         assert r.num_samples == 12 and not r.moved and "within the interval" in r.verdict
         assert abs(r.median_error or 0) < 0.02
+
+
+def test_host_step_gap_of_an_in_place_profile_is_not_read_as_drift() -> None:
+    # verify --calibrate-first adds the host time between step lines to the profile's
+    # step overhead (provenance.host_step_gap_s); step lines do not contain it
+    gap = 1e-3
+    served = dataclasses.replace(OLD, step_overhead_s=OLD.step_overhead_s + gap)
+    meta = make_meta()
+    meta["provenance"]["host_step_gap_s"] = gap
+    result = drift(make_samples(OLD), served, meta, MODEL, GPU, 1)
+    assert not result.moved
+    for r in result.regimes:
+        assert r.median_error == pytest.approx(0, abs=1e-12)
+    assert any("1.00 ms a step of host time" in n for n in result.notes)
+    # without the provenance the same profile reads the gap as faster steps (the control)
+    plain = drift(make_samples(OLD), served, make_meta(), MODEL, GPU, 1)
+    assert plain.by_regime()["decode"].median_error < -0.02
 
 
 def test_profile_without_intervals_compares_on_error_alone() -> None:
