@@ -34,6 +34,10 @@ def add_parser(sub: Any) -> None:
                    "calibrate.profiling's plan (default, ~45 s on a CPU engine; or small) "
                    "right before the replay, and predict the config with the profile fitted "
                    "from those steps (written to CONFIG/calibration/)")
+    v.add_argument("--recheck-after", action="store_true",
+                   help="with --calibrate-first: profile each engine again after its replay "
+                   "and report how far its step times moved from the profile the prediction "
+                   "used (CONFIG/calibration/after/drift.txt; ~45 s more per config)")
     v.add_argument("--engine-python", default=sys.executable,
                    help="python with vllm / sglang installed (default: this one)")
     v.add_argument("--llama-server", default="llama-server", help="llama-server binary")
@@ -86,6 +90,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     overrides = list(args.set)
     if args.trace:
         overrides.append(f"workload.trace={Path(args.trace).resolve()}")
+    if args.recheck_after and not args.calibrate_first:
+        raise InputError("--recheck-after", "given without --calibrate-first: there is no "
+                         "in-place profile to recheck against", "add --calibrate-first")
     if args.profile and args.calibrate_first:
         raise InputError("--profile", "given with --calibrate-first, which fits each config's "
                          "profile on its own engine", "drop one of the two")
@@ -112,7 +119,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
         warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,
-        only=args.only, http_client=args.http_client, calibrate_plan=args.calibrate_first)
+        only=args.only, http_client=args.http_client, calibrate_plan=args.calibrate_first,
+        recheck_after=args.recheck_after)
     out = _run_dir(Path("reports"), "verify", args.out)
     result = verify(Path(args.shortlist), out, opts)
     print(format_comparison(result.comparison))

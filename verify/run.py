@@ -75,6 +75,9 @@ class VerifyOptions:
     # "default" / "small": profile each deployed vLLM with calibrate.profiling's plan of that
     # name right before its replay and predict the config with the profile fitted from it
     calibrate_plan: str | None = None
+    # with calibrate_plan: profile the engine again after its replay, and report how far its
+    # step times moved from the profile the prediction used (calibrate.drift)
+    recheck_after: bool = False
 
 
 @dataclass
@@ -172,6 +175,7 @@ class Measured:
     launch: list[dict[str, Any]]
     notes: list[str]
     profile_path: Path | None = None  # the timing profile fitted on this deployment
+    recheck: dict[str, Any] | None = None  # the same engine profiled after the replay
 
 
 def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
@@ -251,11 +255,15 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
             [a.samples for a in after]), encoding="utf-8")
         counters = _sum_deltas(before, after, opts.engine)
         info = engine_info(after[0]) if after else {}
+        recheck = None
+        if opts.recheck_after and profile_path is not None:
+            recheck = recheck_in_place(entry, deployments[0], opts, profile_path,
+                                       out_dir / "calibration" / "after", notes, say)
     finally:
         for d in deployments:
             d.stop()
     return Measured(out_dir, Path(summary.records_path), out_dir / "metrics.jsonl", counters,
-                    info, summary, launch, notes, profile_path)
+                    info, summary, launch, notes, profile_path, recheck)
 
 
 def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, out: Path,
@@ -264,8 +272,6 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
     the timing profile of this config's model, GPU, TP and dtype from its steps, and write
     ``out``/profile.yaml (with steps.csv beside it). Every worker of a config runs the same
     launch on the same kind of device, so worker 0's profile stands for all."""
-    from calibrate.fit import fit, kfold
-    from calibrate.profile import profile_doc, write_profile
     from calibrate.profiling import default_plan, profile_engine, small_plan, within_model_len
 
     sc = entry.loaded.scenario
@@ -282,15 +288,34 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
         raise InputError(str(out / "steps.csv"), f"{res.num_rows} usable steps from the "
                          "profiling run (see profiling.txt)", "check the engine log; a config "
                          "whose max_num_seqs or token budget is tiny may need the default plan")
-    from calibrate import measurements
+    path, med, n = fit_in_place(entry, [out / "steps.csv"], res.step_gap_s,
+                                out / "profile.yaml", "profiled in place before the replay")
+    say(f"  [{entry.config_id}] fitted {path} ({n} steps, held-out median error "
+        f"{100 * med:.1f} %)")
+    notes.append(f"predicted with the timing profile fitted on this deployment right before "
+                 f"its replay ({opts.calibrate_plan} profiling plan, {n} steps; "
+                 f"calibration/profile.yaml)")
+    return path
 
-    df = measurements.read(out / "steps.csv")
+
+def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, path: Path,
+                 how: str) -> tuple[Path, float, int]:
+    """Fit the timing profile of this config's model, GPU, TP and dtype from the step rows
+    in ``steps`` (calibrate.profiling's CSVs) and write it to ``path``, the host time
+    between step lines (``gap``) added to its per-step overhead; (path, held-out median
+    error, rows)."""
+    import pandas as pd
+
+    from calibrate import measurements
+    from calibrate.fit import fit, kfold
+    from calibrate.profile import profile_doc, write_profile
+
+    df = pd.concat([measurements.read(p) for p in steps], ignore_index=True)
+    sc = entry.loaded.scenario
     resolved = resolve(entry.loaded)
-    e = sc.engine
-    tp = int(getattr(e, "tensor_parallel_size", 1) or 1)
+    tp = int(getattr(sc.engine, "tensor_parallel_size", 1) or 1)
     result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype)
     folds = kfold(df, resolved.model, resolved.gpu, tp, sc.dtype, k=5, seed=0)
-    gap = res.step_gap_s
     if gap is not None and gap > 0:
         # the fit sees each step's logged (model) time; a served step also spends the host
         # time between the lines, measured on the same engine during the same profiling
@@ -299,22 +324,91 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
     first = df.iloc[0]
     doc = profile_doc(result, gpu=resolved.gpu.name, engine=str(first["engine"]),
                       engine_version=str(first["engine_version"]), model=resolved.model.name,
-                      dtype=sc.dtype, tp=tp, sources=[f"{out / 'steps.csv'} (profiled in place "
-                                                       f"before the replay)"], kfold=folds)
+                      dtype=sc.dtype, tp=tp, sources=[f"{p} ({how})" for p in steps],
+                      kfold=folds)
     if gap is not None:
         doc["provenance"]["host_step_gap_s"] = gap
         doc["provenance"]["host_step_gap_note"] = (
             "host time per step outside vLLM's logged elapsed time (phase wall time minus "
             "the steps' elapsed, median over phases of >= 50 steps), added to "
             "step_overhead_s" if gap > 0 else "measured <= 0: not added")
-    path = write_profile(out / "profile.yaml", doc)
-    med = folds.by_regime["all"]["median_ape"]
-    say(f"  [{entry.config_id}] fitted {path} ({len(df)} steps, held-out median error "
-        f"{100 * med:.1f} %)")
-    notes.append(f"predicted with the timing profile fitted on this deployment right before "
-                 f"its replay ({opts.calibrate_plan} profiling plan, {len(df)} steps; "
-                 f"calibration/profile.yaml)")
-    return path
+    written = write_profile(path, doc)
+    return written, float(folds.by_regime["all"]["median_ape"]), len(df)
+
+
+def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, profile_path: Path,
+                     out: Path, notes: list[str], say: Say = _say) -> dict[str, Any]:
+    """Profile the running vLLM ``d`` again after its replay (same plan, fresh prompts) and
+    compare its steps with ``profile_path``, the profile the prediction used, as `servetwin
+    calibrate --against` does. How far the engine's own step times moved between the two
+    profiling runs is the part of the replay's error the twin could not have known: a host
+    whose speed wanders by more than the bounds a verify checks cannot be held to them."""
+    from calibrate import measurements
+    from calibrate.drift import drift
+    from calibrate.profile import load_profile
+    from calibrate.profiling import default_plan, profile_engine, small_plan, within_model_len
+
+    sc = entry.loaded.scenario
+    plan = {"default": default_plan, "small": small_plan}[opts.calibrate_plan or "default"]()
+    plan = within_model_len(plan, getattr(sc.engine, "max_model_len", None))
+    say(f"  [{entry.config_id}] profiling again after the replay ({opts.calibrate_plan} plan)")
+    out.mkdir(parents=True, exist_ok=True)
+    res = profile_engine(d.spec.base_url, d.log_path, out / "steps.csv", plan,
+                         model=opts.served_model_name, seed=opts.seed + 2)
+    (out / "profiling.txt").write_text(res.format() + "\n", encoding="utf-8")
+    profile, meta = load_profile(profile_path)
+    resolved = resolve(entry.loaded)
+    tp = int(getattr(sc.engine, "tensor_parallel_size", 1) or 1)
+    df = measurements.read(out / "steps.csv")
+    result = drift(df, profile, meta, resolved.model, resolved.gpu, tp, sc.dtype,
+                   where=str(profile_path))
+    # the steps the profile was fitted on, against it: the fit's own bias per regime, for
+    # reading the after-replay figures against (they are not zero: a robust fit over
+    # regimes leaves each regime's median a little off)
+    own = drift(measurements.read(profile_path.parent / "steps.csv"), profile, meta,
+                resolved.model, resolved.gpu, tp, sc.dtype, where=str(profile_path))
+    doc = {"profile": str(profile_path), "steps": str(out / "steps.csv"),
+           "num_steps": len(df), "dropped": res.dropped, "step_gap_s": res.step_gap_s,
+           "phases_before": _phase_times(profile_path.parent / "steps.phases.csv"),
+           "phases_after": res.phases,
+           "before_in_sample": {r.regime: r.median_error for r in own.regimes},
+           **result.as_dict()}
+    _write_json(out / "drift.json", doc)
+    lines = [f"{entry.config_id}: steps after the replay against {profile_path.name} "
+             f"(error = measured / predicted - 1): {result.verdict}"]
+    before = own.by_regime()
+    for r in result.regimes:
+        if r.num_samples:
+            b = before[r.regime].median_error
+            lines.append(f"  {r.regime:8s} {r.num_samples:5d} steps  median error "
+                         f"{100 * (r.median_error or 0):+.1f} % (the profiled steps before "
+                         f"the replay: {100 * (b or 0):+.1f} %)  {r.verdict}")
+    lines += [f"  note: {n}" for n in result.notes]
+    (out / "drift.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # the engine's profile as it stood after the replay, for what-if predictions
+    fit_in_place(entry, [out / "steps.csv"], res.step_gap_s, out / "profile.yaml",
+                 "profiled in place after the replay")
+    every = result.by_regime()["all"]
+    summary = {"verdict": result.verdict, "median_error": every.median_error,
+               "median_error_before": before["all"].median_error,
+               "by_regime": {r.regime: r.median_error for r in result.regimes if r.num_samples},
+               "num_steps": len(df), "path": str(out.relative_to(out.parent.parent))}
+    say(f"  [{entry.config_id}] after the replay, the engine's steps sit "
+        f"{100 * (every.median_error or 0):+.1f} % from the profile it was predicted with "
+        f"({result.verdict})")
+    notes.append(f"profiled again after the replay: the engine's steps sit "
+                 f"{100 * (every.median_error or 0):+.1f} % (median) from the profile the "
+                 f"prediction used; {result.verdict} (calibration/after/drift.txt)")
+    return summary
+
+
+def _phase_times(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    import pandas as pd
+
+    return [{str(k): v for k, v in row.items()}
+            for row in pd.read_csv(path).to_dict(orient="records")]
 
 
 def _rebase_series(out_dir: Path) -> None:
@@ -496,7 +590,8 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
                 state = {"counters": m.counters, "engine_info": m.engine_info,
                          "notes": m.notes, "replay": _plain(m.replay),
                          "profile": (str(m.profile_path.relative_to(cdir))
-                                     if m.profile_path else None)}
+                                     if m.profile_path else None),
+                         "recheck": m.recheck}
                 _write_json(done, state)
             blocks = state["engine_info"].get("num_gpu_blocks")
             pinned = int(blocks) if blocks not in (None, "", "None") else None

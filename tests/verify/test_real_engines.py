@@ -116,15 +116,17 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     """The calibrate loop on a short slice: verify profiles the engine it just started
     (calibrate.profiling's default plan, a workload the replay never sends), fits that
     engine's profile from those steps alone, replays the slice on the same engine and
-    predicts it with that profile. The load generator runs off the engine's compute core,
-    as in reports/loop-tiny-vllm-cpu/run.py."""
+    predicts it with that profile, then profiles the engine once more after the replay and
+    compares those steps with the profile (--recheck-after). The load generator runs off
+    the engine's compute core, as in reports/loop-tiny-vllm-cpu/run.py."""
     vllm, model = vllm_bed
     cpus = os.sched_getaffinity(0)
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
                          install=EngineInstall(python=str(vllm.python), env=vllm.env,
                                                cpus=tuple(sorted(cpus))),
                          base_port=18341, overrides=LOOP_SLICE, ready_timeout_s=400,
-                         only=["seqs8-mbt512"], calibrate_plan="default")
+                         only=["seqs8-mbt512"], calibrate_plan="default",
+                         recheck_after=True)
     if len(cpus) >= 2:
         os.sched_setaffinity(0, {max(cpus)})
     try:
@@ -139,6 +141,19 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     assert doc["provenance"]["engine_version"] == "0.32.0"
     assert 0 < doc["provenance"]["host_step_gap_s"] < 0.02
     assert any("fitted on this deployment" in n for n in c["notes"])
+    # the second profiling run reads the log from after the replay's last step line on:
+    # every step joins (a line number off by one would drop nearly all of them)
+    after = cal / "after"
+    text = (after / "profiling.txt").read_text()
+    assert " 0 dropped" in text, text
+    done = json.loads((tmp_path / "seqs8-mbt512" / "done.json").read_text())
+    recheck = done["recheck"]
+    drift_doc = json.loads((after / "drift.json").read_text())
+    assert recheck["num_steps"] == drift_doc["num_steps"] > 1000
+    assert set(drift_doc["regimes"]) == {"prefill", "decode", "mixed", "all"}
+    # the host wanders by 10-30 % between launches, less on one engine within minutes
+    assert abs(recheck["median_error"]) < 0.5, recheck
+    assert any("profiled again after the replay" in n for n in c["notes"])
     errors = {}
     for m in ("ttft_s", "tpot_s"):
         for s in ("p50", "p90"):

@@ -59,6 +59,16 @@ def test_calibrate_first_refuses_what_it_cannot_profile_before_any_deploy(
     assert not (tmp_path / "out" / "seqs4-mbt1024").exists()
 
 
+def test_recheck_after_needs_calibrate_first(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["verify", str(TINY), "--model-path", "/nowhere", "--recheck-after",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "--recheck-after: given without --calibrate-first" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("text", "match"), [
     ("configs: []\n", "configs: must be a non-empty list"),
     ("configs:\n  - 3\n", r"configs\[0\]: is int, not a mapping"),
