@@ -11,10 +11,15 @@ tiny_vllm_cpu.yaml: 218 Mooncake requests, three configs). For each config it
    workload the replay never sends) -> ``verify/CONFIG/calibration/steps.csv``, and fits
    that engine's timing profile from those steps alone -> ``.../profile.yaml``;
 3. replays the trace on the same engine and predicts it with that profile;
+4. profiles the same engine once more after the replay (``--recheck-after``) and compares
+   those steps with the profile the prediction used -> ``.../calibration/after/``;
 
 then writes the errors against the calibrate issue's bounds (p50 within 10 %, p90 within
-15 %) -> ``numbers.json``, and runs the end-to-end refit from the first config's profile ->
-``refit.json`` / ``profile.refit.yaml``.
+15 %) -> ``numbers.json``; how far each engine moved across its replay, and what the
+prediction would have been with the profile measured after the replay or with both
+profiling runs pooled (diagnostics, not the loop's result) -> ``recheck.json``; and runs
+the end-to-end refit from the first config's profile -> ``refit.json`` /
+``profile.refit.yaml``.
 
 Profiling each deployment right before its replay keeps the host's state (this 2-core
 host drifts by +-20 % over minutes) and the config's own knobs the same in both. The CPU
@@ -56,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify", str(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"), "--engine", "vllm",
         "--engine-python", str(vllm.python), "--model-path", str(model),
         "--served-model-name", "tiny", "--out", str(vdir), "--calibrate-first",
+        "--recheck-after",
         *(["--loadgen-cpus", "1"] if pin else []),
         *[a for k, v in vllm.env.items() for a in ("--engine-env", f"{k}={v}")]])
     if code:
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['config_id']:<18}" + "  ".join(f"{100 * v:+7.1f}%" for v in row.values()))
     (out / "numbers.json").write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
     print(f"\nall within p50 {P50_BOUND:.0%} / p90 {P90_BOUND:.0%}: {within}")
+    recheck = what_if(vdir, comp)
+    (out / "recheck.json").write_text(json.dumps(recheck, indent=2) + "\n", encoding="utf-8")
 
     # the end-to-end refit, from the first config's in-place profile
     first = comp["configs"][0]["config_id"]
@@ -83,6 +91,59 @@ def main(argv: list[str] | None = None) -> int:
                            str(vdir / first / "calibration" / "profile.yaml"),
                            "--out", str(out / "profile.refit.yaml"),
                            "--json", str(out / "refit.json")])
+
+
+def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
+    """Per config: how far the engine's steps after the replay sit from the profile the
+    prediction used (its own profiled steps before the replay, for reference), and the
+    errors had the config been predicted with the profile measured after the replay, or
+    fitted on both profiling runs. Only the first is a prediction made before the replay;
+    the other two say how much of its error the engine's own drift accounts for."""
+    from verify.run import fit_in_place, load_configs, predict
+
+    entries = {e.config_id: e for e in load_configs(
+        ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml")}
+    out: dict[str, dict] = {}
+    print("\nconfig            engine drift  errors predicted with the profile "
+          "measured after / pooled")
+    for c in comp["configs"]:
+        cid = c["config_id"]
+        cdir = vdir / cid
+        cal = cdir / "calibration"
+        done = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
+        drift = json.loads((cal / "after" / "drift.json").read_text(encoding="utf-8"))
+        pooled = cal / "after" / "profile.pooled.yaml"
+        pooled_gap = [g for g in (_gap(cal / "profile.yaml"), drift.get("step_gap_s")) if g]
+        fit_in_place(entries[cid], [cal / "steps.csv", cal / "after" / "steps.csv"],
+                     sum(pooled_gap) / len(pooled_gap) if pooled_gap else None, pooled,
+                     "both profiling runs of this deployment, before and after its replay")
+        blocks = int(done["engine_info"]["num_gpu_blocks"])
+        row: dict = {"engine_drift": {
+            "median_error_after": drift["regimes"]["all"]["median_error"],
+            "median_error_before": drift["before_in_sample"]["all"],
+            "by_regime_after": {g: r["median_error"] for g, r in drift["regimes"].items()},
+            "by_regime_before": drift["before_in_sample"], "verdict": drift["verdict"]}}
+        for name, prof in (("after", cal / "after" / "profile.yaml"), ("pooled", pooled)):
+            res, _ = predict(entries[cid], blocks, prof)
+            row[f"errors_with_{name}_profile"] = {
+                f"{m}.{s}": res.summary[m][s] / c["measured_summary"][m][s] - 1
+                for m, s in FIGURES}
+        out[cid] = row
+        d = row["engine_drift"]
+        print(f"{cid:<18}{100 * d['median_error_after']:+6.1f} % "
+              f"(before {100 * d['median_error_before']:+.1f} %)  "
+              + " ".join(f"{100 * v:+.1f}%" for v in row["errors_with_after_profile"].values())
+              + "  /  "
+              + " ".join(f"{100 * v:+.1f}%" for v in row["errors_with_pooled_profile"].values()))
+    return out
+
+
+def _gap(profile_yaml: Path) -> float | None:
+    import yaml
+
+    doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
+    g = (doc.get("provenance") or {}).get("host_step_gap_s")
+    return float(g) if g is not None else None
 
 
 if __name__ == "__main__":

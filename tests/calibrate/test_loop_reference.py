@@ -46,3 +46,32 @@ def test_committed_loop_is_predicted_again_from_each_engines_own_profile() -> No
         assert hits["predicted"] == pytest.approx(hits["measured"], abs=0.005)
         preempt = c["scalars"]["num_preemptions"]
         assert preempt["predicted"] == preempt["measured"] == 0
+
+
+def test_committed_recheck_is_the_drift_of_the_committed_steps() -> None:
+    """Each engine's drift across its replay (recheck.json, the README's second table),
+    computed again from the committed steps after the replay and the profile the prediction
+    used: the same check `servetwin calibrate --against` runs."""
+    from calibrate import measurements
+    from calibrate.drift import drift
+    from calibrate.profile import load_profile
+    from sim.simulate import resolve
+
+    recheck = json.loads((LOOP / "recheck.json").read_text(encoding="utf-8"))
+    entries = {e.config_id: e for e in load_configs(TINY)}
+    assert sorted(recheck) == sorted(entries)
+    for cid, row in recheck.items():
+        cal = LOOP / "verify" / cid / "calibration"
+        profile, meta = load_profile(cal / "profile.yaml")
+        r = resolve(entries[cid].loaded)
+        after = drift(measurements.read(cal / "after" / "steps.csv"), profile, meta,
+                      r.model, r.gpu, 1, "bf16").by_regime()
+        before = drift(measurements.read(cal / "steps.csv"), profile, meta,
+                       r.model, r.gpu, 1, "bf16").by_regime()
+        d = row["engine_drift"]
+        assert after["all"].median_error == pytest.approx(d["median_error_after"], abs=1e-9)
+        assert before["all"].median_error == pytest.approx(d["median_error_before"], abs=1e-9)
+        for g in ("prefill", "decode", "mixed"):
+            assert after[g].median_error == pytest.approx(d["by_regime_after"][g], abs=1e-9)
+        state = json.loads((cal.parent / "done.json").read_text(encoding="utf-8"))
+        assert state["recheck"]["median_error"] == pytest.approx(d["median_error_after"])
