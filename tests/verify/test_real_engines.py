@@ -118,7 +118,15 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     engine's profile from those steps alone, replays the slice on the same engine and
     predicts it with that profile, then profiles the engine once more after the replay and
     compares those steps with the profile (--recheck-after). The load generator runs off
-    the engine's compute core, as in reports/loop-tiny-vllm-cpu/run.py."""
+    the engine's compute core, as in reports/loop-tiny-vllm-cpu/run.py.
+
+    The bounds are the calibrate issue's. They are not always met on this 2-core host: of
+    six runs of this test, one (CI, 2026-11-27) measured TTFT p50 -12.9 % and TPOT p90
+    -15.7 %, its engine 4.9 % faster after the replay than when profiled. Decode steps
+    right after a prefill run slower than the profile's lockstep decode steps, and the
+    timing model has no term for that yet (reports/loop-tiny-vllm-cpu/README.md, Churn);
+    the failure message carries the engine's drift across the replay to tell the two
+    causes apart."""
     vllm, model = vllm_bed
     cpus = os.sched_getaffinity(0)
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
@@ -159,7 +167,8 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
         for s in ("p50", "p90"):
             errors[f"{m} {s}"] = c["predicted_summary"][m][s] / c["measured_summary"][m][s] - 1
     bounds = {"p50": P50_BOUND, "p90": P90_BOUND}
-    assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), errors
+    assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), \
+        {"errors": errors, "engine drift across the replay": recheck}
     assert engine_processes(str(model)) == []
 
 
