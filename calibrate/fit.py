@@ -142,9 +142,12 @@ def _from_x(x: np.ndarray, names: tuple[str, ...], prior: TimingProfile) -> Timi
     return replace(prior, **values)
 
 
-def _bounds(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _bounds(names: tuple[str, ...], ceiling: float = EFF_BOUNDS[1]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Efficiencies in [EFF_BOUNDS[0], the device's efficiency_ceiling (1 for a GPU)],
+    seconds in [0, SECONDS_MAX]."""
     lo = np.array([EFF_BOUNDS[0] if n in _EFFICIENCIES else 0.0 for n in names])
-    hi = np.array([EFF_BOUNDS[1] if n in _EFFICIENCIES else SECONDS_MAX * _MS for n in names])
+    hi = np.array([ceiling if n in _EFFICIENCIES else SECONDS_MAX * _MS for n in names])
     return lo, hi
 
 
@@ -180,7 +183,7 @@ def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: s
         pred = predict(df, model, gpu, tp, dtype, _from_x(x, names, prior))
         return weight * np.log(pred / measured)
 
-    lo, hi = _bounds(names)
+    lo, hi = _bounds(names, gpu.efficiency_ceiling)
     profile, success, message = prior, True, "nothing to fit"
     if names:
         # Two starts: the prior, and the middle of the efficiency range with the prior's

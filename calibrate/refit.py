@@ -209,11 +209,20 @@ def _case(verify_dir: Path, cid: str, raw: dict[str, Any], engine: str, base: Pa
 
 
 # --------------------------------------------------------------- evaluating
-def with_params(start: TimingProfile, params: dict[str, float]) -> TimingProfile:
+def with_params(start: TimingProfile, params: dict[str, float],
+                ceiling: float = 1.0) -> TimingProfile:
+    """``start`` with the scale on its efficiencies (each held at the device's
+    efficiency_ceiling) and the two overheads."""
     scale = params["efficiency_scale"]
-    values = {k: min(1.0, getattr(start, k) * scale) for k in SCALED}
+    values = {k: min(ceiling, getattr(start, k) * scale) for k in SCALED}
     return replace(start, step_overhead_s=params["step_overhead_s"],
                    per_seq_overhead_s=params["per_seq_overhead_s"], **values)
+
+
+def _timing_of(case: Case) -> RooflineTiming:
+    t = case.resolved.timing
+    assert isinstance(t, RooflineTiming)  # load_cases checked it
+    return t
 
 
 def _timing(t: TimingModel, profile: TimingProfile) -> TimingModel:
@@ -263,10 +272,16 @@ def _residuals(cases: list[Case], profile: TimingProfile) -> np.ndarray:
 def fit(cases: list[Case], start: TimingProfile, max_evals: int = 40) -> Fit:
     """Bounded least squares of the log errors over FREE, from the starting profile."""
     lowest = min(getattr(start, k) for k in SCALED)
+    highest = max(getattr(start, k) for k in SCALED)
+    # the devices' efficiency ceiling (1 on a GPU: the scale goes as far as brings the
+    # lowest efficiency to 1, the others held there; more where the catalog's rates are
+    # nominal: as far as brings the highest to it)
+    ceiling = min(_timing_of(c).gpu.efficiency_ceiling for c in cases)
+    top = -math.log(lowest) if ceiling <= 1.0 else math.log(ceiling / highest)
     x0 = np.array([0.0, start.step_overhead_s / _UNITS_S[1],
                    start.per_seq_overhead_s / _UNITS_S[2]])
     lower = np.array([math.log(1e-3), 0.0, 0.0])
-    upper = np.array([max(-math.log(lowest), 0.0), np.inf, np.inf])
+    upper = np.array([max(top, 0.0), np.inf, np.inf])
 
     def params(x: np.ndarray) -> dict[str, float]:
         return {"efficiency_scale": math.exp(float(x[0])),
@@ -274,7 +289,7 @@ def fit(cases: list[Case], start: TimingProfile, max_evals: int = 40) -> Fit:
                 "per_seq_overhead_s": float(x[2]) * _UNITS_S[2]}
 
     def fun(x: np.ndarray) -> np.ndarray:
-        return _residuals(cases, with_params(start, params(x)))
+        return _residuals(cases, with_params(start, params(x), ceiling))
 
     # a 2 % finite-difference step: smaller ones fall between scheduling decisions, where
     # a percentile moves in small jumps
@@ -286,8 +301,8 @@ def fit(cases: list[Case], start: TimingProfile, max_evals: int = 40) -> Fit:
     best = params(x)
     # least_squares counts its finite-difference evaluations apart (jac's nfev)
     num_evals = int(sol.nfev) + int(sol.njev or 0) * len(x0)
-    return Fit(with_params(start, best), best, tuple(c.config_id for c in cases), num_evals,
-               float(np.sum(fun(x) ** 2)), at)
+    return Fit(with_params(start, best, ceiling), best, tuple(c.config_id for c in cases),
+               num_evals, float(np.sum(fun(x) ** 2)), at)
 
 
 def refit(verify_dir: Path, start: TimingProfile, shortlist: Path | None = None,

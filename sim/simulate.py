@@ -29,6 +29,7 @@ from .router import make_router
 from .scenario import LoadedScenario, SglangEngineSpec, VllmEngineSpec, one_line
 from .timeline import Timeline
 from .timing import RooflineTiming, TimingModel, TimingProfile
+from .timing_profile import check_efficiencies
 from .uncertainty import ScaledTiming, band, interval_factors
 from .workload import ClosedLoop, Trace, load_trace, synthesize
 
@@ -368,6 +369,11 @@ def resolve(loaded: LoadedScenario) -> Resolved:
     else:
         engine, note = resolve_engine(sc.engine, model, gpu, sc.dtype, loaded.where("engine"))
     profile, timing_note = resolve_profile(loaded)
+    try:
+        check_efficiencies(profile, gpu.efficiency_ceiling, gpu.name)
+    except InputError as e:
+        raise ScenarioError(loaded.where("timing"), f"{timing_note}: {e.message}",
+                            e.fix) from None
     timing = RooflineTiming(model, gpu, sc.engine.tensor_parallel_size, sc.dtype, profile,
                             kv_dtype=kv_dtype_for(sc.dtype))
     trace = load_workload(loaded)

@@ -48,7 +48,13 @@ from typing import Protocol
 import numpy as np
 
 from .catalog import ACTIVATION_BYTES, GpuSpec, LinearShape, ModelSpec, dtype_bytes
-from .timing_profile import _EFFICIENCIES, _SECONDS, TimingProfile, _check_profile
+from .timing_profile import (
+    _EFFICIENCIES,
+    _SECONDS,
+    TimingProfile,
+    _check_profile,
+    check_efficiencies,
+)
 
 _PRIOR = TimingProfile()  # the analytic prior's coefficients (frozen: one shared instance)
 
@@ -116,6 +122,7 @@ class RooflineTiming:
         kv_dtype: str = "bf16",
     ) -> None:
         model.check_tp(tp)
+        check_efficiencies(profile, gpu.efficiency_ceiling, gpu.name)
         self.model, self.gpu, self.tp, self.profile = model, gpu, tp, profile
         self.dtype, self.kv_dtype = dtype, kv_dtype
         self.weight_bytes_per_gpu = model.weight_bytes(dtype, tp)

@@ -23,6 +23,10 @@ _EFFICIENCIES = (
     "comm_eff",
 )
 _SECONDS = ("step_overhead_s", "per_seq_overhead_s", "allreduce_latency_s")
+# an efficiency is a fraction of the device's peak, so at most 1, except on a device whose
+# catalog rates are nominal (GpuSpec.efficiency_ceiling, at most this); the timing model
+# checks a profile against its device's own ceiling (check_efficiencies)
+MAX_EFFICIENCY = 16.0
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,11 @@ def _check_profile(values: Mapping[str, Any], where: str) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise CatalogError(where, f"{name} = {value!r}: must be a number", "give a number")
-        if name in _EFFICIENCIES and not 0 < value <= 1:
+        if name in _EFFICIENCIES and not 0 < value <= MAX_EFFICIENCY:
             raise CatalogError(
                 where,
-                f"{name} = {value!r}: must be in (0, 1]",
+                f"{name} = {value!r}: must be in (0, 1] (up to {MAX_EFFICIENCY:g} on a "
+                "device whose catalog entry sets efficiency_ceiling)",
                 "an efficiency is a fraction of the peak",
             )
         if name in _SECONDS and not (math.isfinite(value) and value >= 0):
@@ -94,4 +99,20 @@ def _check_profile(values: Mapping[str, Any], where: str) -> None:
                 where,
                 f"{name} = {value!r}: must be >= 0 seconds",
                 "give a finite non-negative time",
+            )
+
+
+def check_efficiencies(profile: TimingProfile, ceiling: float, device: str,
+                       where: str = "timing profile") -> None:
+    """Each efficiency of ``profile`` within the device's ceiling (GpuSpec.efficiency_ceiling:
+    1, or more where the device's catalog rates are nominal)."""
+    for name in _EFFICIENCIES:
+        value = getattr(profile, name)
+        if value > ceiling:
+            span = "(0, 1]" if ceiling == 1 else f"(0, {ceiling:g}]"
+            raise CatalogError(
+                where,
+                f"{name} = {value!r}: must be in {span} on {device}",
+                "an efficiency is a fraction of the device's peak; a profile fitted on "
+                "another device does not carry over",
             )

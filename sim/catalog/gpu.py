@@ -33,6 +33,10 @@ class GpuSpec:
     pcie_bytes_per_s: float
     notes: str = ""
     source: str = ""
+    # the largest efficiency a timing profile may have on this device: 1 where the peaks
+    # above are ceilings (a datasheet's), above 1 where they are nominal rates measured on
+    # one host (the CPU entry), which a faster host exceeds
+    efficiency_ceiling: float = 1.0
 
     @property
     def tp_link_bytes_per_s(self) -> float:
@@ -53,6 +57,8 @@ _GPU_NUMBERS = (
     "pcie_bytes_per_s",
 )
 _GPU_TEXT = ("notes", "source")
+# efficiency_ceiling: optional, >= 1 (GpuSpec)
+MAX_EFFICIENCY_CEILING = 16.0
 
 
 def _positive_number(value: Any, where: str, field: str) -> float:
@@ -78,12 +84,14 @@ def gpu_from_dict(data: Any, name: str, where: str) -> GpuSpec:
         raise CatalogError(
             where, "a GPU spec must be a mapping of fields", f"give {', '.join(_GPU_NUMBERS)}"
         )
-    unknown = sorted(set(data) - set(_GPU_NUMBERS) - set(_GPU_TEXT) - {"name", "aliases"})
+    unknown = sorted(set(data) - set(_GPU_NUMBERS) - set(_GPU_TEXT)
+                     - {"name", "aliases", "efficiency_ceiling"})
     if unknown:
         raise CatalogError(
             where,
             f"unknown field(s) {', '.join(map(str, unknown))}",
-            f"valid fields: name, aliases, {', '.join(_GPU_NUMBERS + _GPU_TEXT)}",
+            f"valid fields: name, aliases, {', '.join(_GPU_NUMBERS + _GPU_TEXT)}, "
+            "efficiency_ceiling",
         )
     values: dict[str, Any] = {}
     for field in _GPU_NUMBERS:
@@ -101,6 +109,17 @@ def gpu_from_dict(data: Any, name: str, where: str) -> GpuSpec:
         if not isinstance(text, str):
             raise CatalogError(where, f"field '{field}' must be text", "quote it")
         values[field] = text.strip()
+    if "efficiency_ceiling" in data:
+        ceiling = _positive_number(data["efficiency_ceiling"], where, "efficiency_ceiling")
+        if not 1.0 <= ceiling <= MAX_EFFICIENCY_CEILING:
+            raise CatalogError(
+                where,
+                f"field 'efficiency_ceiling' = {data['efficiency_ceiling']!r}: must be in "
+                f"[1, {MAX_EFFICIENCY_CEILING:g}]",
+                "1 where the peaks are datasheet ceilings; more only where they are nominal "
+                "rates a faster host can exceed",
+            )
+        values["efficiency_ceiling"] = ceiling
     return GpuSpec(name=str(data.get("name", name)), **values)
 
 

@@ -12,7 +12,7 @@ import pytest
 from calibrate.fit import EFF_BOUNDS, fit, kfold
 from calibrate.profile import load_profile, profile_doc, write_profile
 from sim.catalog import load_gpu, load_model
-from sim.errors import InputError
+from sim.errors import CatalogError, InputError
 from sim.timing import RooflineTiming, TimingProfile
 
 MODEL, GPU = load_model("meta-llama/Llama-3.1-8B"), load_gpu("h100_sxm")
@@ -84,6 +84,26 @@ def test_bounds_hold_when_data_ask_for_more() -> None:
     assert "gemm_mem_eff" in result.at_bound
 
 
+def test_a_device_with_nominal_rates_fits_efficiencies_above_one() -> None:
+    # the same 3x-fast samples on a device whose catalog rates are nominal (the CPU entry
+    # sets efficiency_ceiling): the fit is not held at 1, and recovers the samples
+    fast = make_samples(replace(TRUE, step_overhead_s=0.0, per_seq_overhead_s=0.0))
+    fast["measured_s"] /= 3.0
+    nominal = replace(GPU, efficiency_ceiling=8.0)
+    result = fit(fast, MODEL, nominal, 1)
+    p = result.profile
+    assert p.gemm_mem_eff == pytest.approx(3 * TRUE.gemm_mem_eff, rel=1e-3)
+    assert p.gemm_compute_eff == pytest.approx(3 * TRUE.gemm_compute_eff, rel=1e-3)
+    assert not set(result.at_bound) & {"gemm_compute_eff", "gemm_mem_eff", "attn_prefill_eff",
+                                       "attn_decode_eff"}
+    assert np.max(np.abs(result.log_residuals)) < 1e-6
+    # the CPU entry is such a device; a GPU is held at 1, in the fit and in the twin
+    assert load_gpu("CPU").efficiency_ceiling == 8.0 and GPU.efficiency_ceiling == 1.0
+    with pytest.raises(CatalogError, match=r"gemm_compute_eff = 2.1.*must be in \(0, 1\] on H100"):
+        RooflineTiming(MODEL, GPU, 1, "bf16", p)
+    RooflineTiming(MODEL, nominal, 1, "bf16", p)
+
+
 def test_fit_rejects_other_tp_rows() -> None:
     with pytest.raises(InputError, match="row 1: tp = 2, fitting tp = 1"):
         fit(make_samples(TRUE, tp=2), MODEL, GPU, 1)
@@ -108,7 +128,7 @@ def test_profile_round_trip_and_scenario_paste(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("timing:\n  profile:\n    gemm_mem_eff: 1.5\n", r"timing.profile: gemm_mem_eff = 1.5"),
+    ("timing:\n  profile:\n    gemm_mem_eff: 17\n", r"timing.profile: gemm_mem_eff = 17"),
     ("timing:\n  profile:\n    gemm_eff: 0.5\n", r"timing.profile: unknown coefficient.*gemm_eff"),
     ("timing:\n  profile:\n    step_overhead_s: fast\n", r"step_overhead_s = 'fast'"),
     ("provenance: {}\n", r"p.yaml: timing = None"),

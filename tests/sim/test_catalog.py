@@ -330,6 +330,8 @@ def test_user_gpu_yaml_loads(tmp_path: Path) -> None:
         ("pcie_bytes_per_s", "fast", "'pcie_bytes_per_s'"),
         ("bf16_flops_per_s", -1, "'bf16_flops_per_s'"),
         ("tflops", 1, "unknown field(s) tflops"),
+        ("efficiency_ceiling", 0.5, "'efficiency_ceiling' = 0.5: must be in [1, 16]"),
+        ("efficiency_ceiling", "high", "'efficiency_ceiling'"),
     ],
 )
 def test_bad_user_gpu_yaml(tmp_path: Path, field: str, value: object, message: str) -> None:
@@ -338,6 +340,15 @@ def test_bad_user_gpu_yaml(tmp_path: Path, field: str, value: object, message: s
         load_gpu(path)
     assert e.value.where == str(path)
     assert message in e.value.message
+
+
+def test_efficiency_ceiling_is_one_unless_the_rates_are_nominal(tmp_path: Path) -> None:
+    assert load_gpu(write_gpu_yaml(tmp_path / "a.yaml")).efficiency_ceiling == 1.0
+    gpu = load_gpu(write_gpu_yaml(tmp_path / "b.yaml", efficiency_ceiling=4))
+    assert gpu.efficiency_ceiling == 4.0
+    # of the bundled entries only the CPU's rates are one host's, not ceilings
+    nominal = {load_gpu(n).name for n in bundled_gpus() if load_gpu(n).efficiency_ceiling > 1}
+    assert nominal == {"CPU-1core-AVX512"}
 
 
 def test_unknown_gpu_lists_bundled_names() -> None:

@@ -10,7 +10,7 @@ import yaml
 from sim.errors import ScenarioError
 from sim.profiles import bundled_profiles, read_profile
 from sim.scenario import load_scenario
-from sim.simulate import resolve_profile
+from sim.simulate import resolve, resolve_profile
 from sim.timing import TimingProfile
 
 NAME = "h100_sxm-vllm-qwen--qwen3-32b-tp2"
@@ -69,6 +69,18 @@ def test_unknown_profile_name_lists_the_bundled_ones(tmp_path: Path) -> None:
 
 
 def test_a_malformed_profile_file_is_named(tmp_path: Path) -> None:
-    (tmp_path / "bad.yaml").write_text("timing: {profile: {gemm_mem_eff: 3}}\n")
+    (tmp_path / "bad.yaml").write_text("timing: {profile: {gemm_mem_eff: 30}}\n")
     with pytest.raises(ScenarioError, match="gemm_mem_eff"):
         resolve_profile(load_scenario(scenario(tmp_path, {"profile_name": "bad.yaml"})))
+
+
+def test_an_efficiency_above_the_devices_ceiling_is_refused_where_it_comes_from(
+        tmp_path: Path) -> None:
+    # 3 is a valid efficiency on a device with nominal rates (the CPU entry), not on a GPU
+    (tmp_path / "cpu.yaml").write_text("timing: {profile: {gemm_mem_eff: 3}}\n")
+    with pytest.raises(ScenarioError, match=r"s\.yaml.*cpu\.yaml.*gemm_mem_eff = 3.*H100-SXM"):
+        resolve(load_scenario(scenario(tmp_path, {"profile_name": "cpu.yaml"})))
+    cpu = yaml.safe_load(scenario(tmp_path, {"profile_name": "cpu.yaml"}).read_text())
+    cpu.update(gpu="CPU", model="servetwin/tiny-llama-4l")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cpu))
+    assert resolve(load_scenario(tmp_path / "s.yaml")).timing.profile.gemm_mem_eff == 3.0

@@ -253,7 +253,7 @@ def test_profile_round_trips_through_yaml() -> None:
     ("field", "value", "rule"),
     [
         ("gemm_mem_eff", 0.0, "(0, 1]"),
-        ("comm_eff", 1.5, "(0, 1]"),
+        ("comm_eff", 20.0, "(0, 1]"),
         ("attn_decode_eff", float("nan"), "(0, 1]"),
         ("step_overhead_s", -1e-3, ">= 0"),
         ("allreduce_latency_s", float("inf"), ">= 0"),
