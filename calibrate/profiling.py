@@ -110,6 +110,44 @@ def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 10
     return phases
 
 
+def served_phases(repeats: int = 2, count: int = 48,
+                  prompt_tokens: Sequence[int] = (32, 96, 192, 384, 640, 1024),
+                  output_tokens: Sequence[int] = (24, 56, 96, 40, 72, 128, 16),
+                  long_count: int = 24,
+                  long_prompt_tokens: Sequence[int] = (1024, 1536, 2048, 1280),
+                  long_output_tokens: Sequence[int] = (24, 48, 32),
+                  spacing_s: float = 0.005) -> list[Phase]:
+    """Decoding as a served engine decodes: ``count`` requests of mixed prompt and output
+    lengths, each sent ``spacing_s`` after the previous (the arrival order the join needs),
+    more than the engine runs at once. The engine fills its batch and, as each request
+    finishes, admits and prefills the next beside the others, so its decode steps run in a
+    batch that churns, as in a replay; a "long" phase does the same over 1-2k-token
+    contexts. The lengths cycle through lists of coprime sizes, so the phase holds many
+    (prompt, output) pairs and every request finishes at its own step."""
+    def phase(name: str, n: int, prompts: Sequence[int], outputs: Sequence[int]) -> Phase:
+        return Phase(name, tuple(Group(prompts[i % len(prompts)],
+                                       outputs[i % len(outputs)], 1, start_s=spacing_s * i)
+                                 for i in range(n)))
+    out = []
+    for r in range(repeats):
+        out.append(phase(f"served-r{r}", count, prompt_tokens, output_tokens))
+        out.append(phase(f"served-long-r{r}", long_count, long_prompt_tokens,
+                         long_output_tokens))
+    return out
+
+
+def served_plan() -> list[Phase]:
+    """default_plan's prefills, mixes and single-sequence decodes, with the decoding of
+    batches done as served (served_phases) instead of in lockstep. On vLLM-CPU a decode
+    step in a churning batch costs 1.1-1.5x one in lockstep at the same batch and contexts
+    (reports/loop-tiny-vllm-cpu/churn_probe.py), so a profile fitted on lockstep decodes
+    predicts served traffic fast; this plan measures decode steps in the state a replay
+    runs them in."""
+    base = default_plan(decode_batches=(1, 2), long_decodes=((1, 2048),))
+    mixes = [p for p in default_plan(decode_batches=(1, 2, 4, 8)) if p.name.startswith("mix-")]
+    return [*[p for p in base if not p.name.startswith("mix-")], *mixes, *served_phases()]
+
+
 def within_model_len(plan: Sequence[Phase], max_model_len: int | None) -> list[Phase]:
     """The plan without the phases a request of which would not fit ``max_model_len``
     (prompt + output tokens): the engine would refuse it."""
@@ -125,6 +163,10 @@ def small_plan() -> list[Phase]:
     return [*default_plan(prefill_lengths=(32, 300), decode_batches=(1, 4), repeats=1,
                           decode_output_tokens=16, long_decodes=((2, 400),)),
             Phase("mix-x4-p300", (Group(32, 64, 4), Group(300, 1, 1, start_s=0.3)))]
+
+
+# the plans `servetwin verify --calibrate-first PLAN` names
+PLANS = {"default": default_plan, "served": served_plan, "small": small_plan}
 
 
 # --------------------------------------------------------------------------- join
@@ -334,6 +376,59 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
     return ProfilingResult(out_csv, log_path, sum(len(p) for p in sent), len(steps),
                            len(rows), dict(joined.dropped), joined.notes, regimes, wall,
                            log.version, phases)
+
+
+@dataclass
+class ServedSteps:
+    """A replay's own steps, joined with the requests it sent (served_steps)."""
+
+    csv_path: Path
+    num_requests: int
+    num_steps: int
+    num_rows: int
+    dropped: dict[str, int]
+    notes: list[str]
+
+    def format(self) -> str:
+        lines = [f"served steps: {self.num_requests} requests, {self.num_steps} steps logged, "
+                 f"{self.num_rows} rows, {sum(self.dropped.values())} dropped"]
+        lines += [f"  dropped {n}: {why}" for why, n in sorted(self.dropped.items())]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def served_steps(log_path: str | Path, first_line: int, sent: Sequence[Sent],
+                 out_csv: str | Path, provenance: dict[str, str] | None = None,
+                 log_wait_s: float = 15.0) -> ServedSteps:
+    """The step lines from ``first_line`` on, of the requests ``sent`` (in the order the
+    engine received them: their send order), joined as one phase, as the profiling join
+    does: every step of a served replay with its full composition, for comparing a profile
+    with the steps the replay actually ran. A request the engine saw but ``sent`` lacks,
+    or two sent closer together than the engine kept their order, ends the join there;
+    the rest is dropped and counted. Writes the measurement rows to ``out_csv``."""
+    log_path, out_csv = Path(log_path), Path(out_csv)
+    sent = [Sent(r.num_prompt_tokens, r.num_output_tokens, r.num_cached_tokens) for r in sent]
+    expected = sum(r.num_prompt_tokens - r.num_cached_tokens + r.num_output_tokens - 1
+                   for r in sent)
+    log = _wait_for_steps(log_path, first_line, expected, log_wait_s)
+    steps = log.steps[~log.steps["is_dummy"]].sort_values("iteration", kind="stable")
+    (mine,) = split_phases(steps, [sent])
+    joined = join_phase(mine, sent)
+    logged = int((mine["num_context_tokens"] + mine["num_generation_tokens"]).sum())
+    if logged != expected:
+        joined.notes.append(f"the log has {logged} tokens from line {first_line}, the "
+                            f"requests {expected}: lines missing, or other traffic")
+    prov = {**PROVENANCE, **(provenance or {}), "engine_version": log.version or "unknown",
+            "date": date.today().isoformat(), "source": f"{log_path} (served)"}
+    rows = [{**{k: v for k, v in r.items() if k not in ("line", "iteration")},
+             "tp": 1, "pp": 1, **prov} for r in joined.rows]
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    if rows:
+        measurements.write(measurements.frame(rows, str(out_csv)), out_csv)
+    else:
+        pd.DataFrame(columns=list(measurements.COLUMNS)).to_csv(out_csv, index=False)
+    return ServedSteps(out_csv, len(sent), len(mine), len(rows), dict(joined.dropped),
+                       joined.notes)
 
 
 def _settled_line_count(log_path: Path, quiet_s: float = 1.0, wait_s: float = 15.0) -> int:

@@ -29,9 +29,10 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--profile", default=None, metavar="PROFILE.yaml",
                    help="predict with this timing profile (from `servetwin calibrate`)")
     v.add_argument("--calibrate-first", nargs="?", const="default", default=None,
-                   choices=("default", "small"), metavar="PLAN",
+                   choices=("default", "served", "small"), metavar="PLAN",
                    help="vLLM: start each config's engine with its step log, profile it with "
-                   "calibrate.profiling's plan (default, ~45 s on a CPU engine; or small) "
+                   "calibrate.profiling's plan (default, ~45 s on a CPU engine; served: "
+                   "batches decode as they churn in service; small: seconds) "
                    "right before the replay, and predict the config with the profile fitted "
                    "from those steps (written to CONFIG/calibration/)")
     v.add_argument("--recheck-after", action="store_true",

@@ -176,6 +176,7 @@ class Measured:
     notes: list[str]
     profile_path: Path | None = None  # the timing profile fitted on this deployment
     recheck: dict[str, Any] | None = None  # the same engine profiled after the replay
+    served: dict[str, Any] | None = None  # the replay's own steps against the profile
 
 
 def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
@@ -217,10 +218,14 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
         builder = PromptBuilder(opts.seed, resolved_trace.hash_block_tokens or 16,
                                 vocab_low=400, vocab_high=32000)
         force_close = opts.engine == "llamacpp"
-        profile_path = None
+        profile_path, served_from = None, 1
         if opts.calibrate_plan:  # first, so no other request's steps are in the log yet
             profile_path = calibrate_in_place(entry, deployments[0], opts,
                                               out_dir / "calibration", notes, say)
+            from calibrate.vllm_log import count_lines
+
+            # profile_engine has read all its steps: what comes next is the replay's
+            served_from = count_lines(deployments[0].log_path) + 1
         if opts.warmup_requests:
             _warm_up(endpoints, opts, out_dir / "warmup", force_close)
         _reset_prefix_cache(endpoints, opts.engine, notes)
@@ -255,6 +260,10 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
             [a.samples for a in after]), encoding="utf-8")
         counters = _sum_deltas(before, after, opts.engine)
         info = engine_info(after[0]) if after else {}
+        served = None
+        if profile_path is not None:
+            served = served_in_place(entry, deployments[0], served_from, out_dir,
+                                     profile_path, notes, say)
         recheck = None
         if opts.recheck_after and profile_path is not None:
             recheck = recheck_in_place(entry, deployments[0], opts, profile_path,
@@ -263,7 +272,7 @@ def measure_config(entry: ConfigEntry, resolved_trace: Any, opts: VerifyOptions,
         for d in deployments:
             d.stop()
     return Measured(out_dir, Path(summary.records_path), out_dir / "metrics.jsonl", counters,
-                    info, summary, launch, notes, profile_path, recheck)
+                    info, summary, launch, notes, profile_path, recheck, served)
 
 
 def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, out: Path,
@@ -272,10 +281,10 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
     the timing profile of this config's model, GPU, TP and dtype from its steps, and write
     ``out``/profile.yaml (with steps.csv beside it). Every worker of a config runs the same
     launch on the same kind of device, so worker 0's profile stands for all."""
-    from calibrate.profiling import default_plan, profile_engine, small_plan, within_model_len
+    from calibrate.profiling import PLANS, profile_engine, within_model_len
 
     sc = entry.loaded.scenario
-    plan = {"default": default_plan, "small": small_plan}[opts.calibrate_plan or "default"]()
+    plan = PLANS[opts.calibrate_plan or "default"]()
     plan = within_model_len(plan, getattr(sc.engine, "max_model_len", None))
     say(f"  [{entry.config_id}] calibrating: {opts.calibrate_plan} profiling plan, "
         f"{sum(g.count for p in plan for g in p.groups)} requests")
@@ -336,6 +345,67 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
     return written, float(folds.by_regime["all"]["median_ape"]), len(df)
 
 
+def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir: Path,
+                    profile_path: Path, notes: list[str], say: Say = _say) -> dict[str, Any]:
+    """The replay's own steps on worker 0 (its step log from ``first_line``: the warm-up
+    and the replay), joined with the requests worker 0 was sent, against the profile the
+    prediction used, per regime (calibrate.drift): where a config's latency error comes
+    from the timing model, these say by how much on the steps the replay actually ran.
+    Writes calibration/served/{steps.csv, drift.txt, drift.json}."""
+    from calibrate import measurements
+    from calibrate.drift import drift
+    from calibrate.profile import load_profile
+    from calibrate.profiling import Sent, served_steps
+
+    out = out_dir / "calibration" / "served"
+    recs: list[dict[str, Any]] = []
+    for path in (out_dir / "warmup" / "records.jsonl", out_dir / "records.jsonl"):
+        if path.is_file():
+            with open(path, encoding="utf-8") as f:
+                recs += [r for r in map(json.loads, f) if r.get("worker_id", 0) == 0]
+    # the warm-up's requests all ran before the replay's first
+    recs.sort(key=lambda r: (r["request_id"] >= 0, r["send_s"]))
+    sent = [Sent(int(r["num_prompt_tokens"] or r["expected_prompt_tokens"]),
+                 int(r["num_output_tokens"] or 0), int(r.get("num_cached_tokens") or 0))
+            for r in recs if r.get("status") == "ok" and r.get("num_output_tokens")]
+    res = served_steps(d.log_path, first_line, sent, out / "steps.csv")
+    summary: dict[str, Any] = {"num_steps": res.num_steps, "num_rows": res.num_rows,
+                               "dropped": res.dropped, "path": "calibration/served"}
+    if res.num_rows == 0:
+        (out / "drift.txt").write_text(res.format() + "\n", encoding="utf-8")
+        notes.append(f"the replay's steps could not be joined with its requests "
+                     f"({res.format().splitlines()[0]}; calibration/served/drift.txt)")
+        return summary
+    sc = entry.loaded.scenario
+    profile, meta = load_profile(profile_path)
+    resolved = resolve(entry.loaded)
+    tp = int(getattr(sc.engine, "tensor_parallel_size", 1) or 1)
+    result = drift(measurements.read(out / "steps.csv"), profile, meta, resolved.model,
+                   resolved.gpu, tp, sc.dtype, where=str(profile_path))
+    _write_json(out / "drift.json", {"profile": str(profile_path), **summary,
+                                     "notes_join": res.notes, **result.as_dict()})
+    lines = [f"{entry.config_id}: the replay's own steps against {profile_path.name} "
+             "(error = measured / predicted - 1; the profile the prediction used)",
+             *("  " + x for x in res.format().splitlines())]
+    for r in result.regimes:
+        if r.num_samples:
+            lines.append(f"  {r.regime:8s} {r.num_samples:5d} steps  median error "
+                         f"{100 * (r.median_error or 0):+.1f} %  p10 "
+                         f"{100 * (r.p10_error or 0):+.1f} %  p90 "
+                         f"{100 * (r.p90_error or 0):+.1f} %")
+    lines += [f"  note: {n}" for n in result.notes]
+    (out / "drift.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    by = {r.regime: r.median_error for r in result.regimes if r.num_samples}
+    summary["by_regime"] = by
+    text = ", ".join(f"{g} {100 * (v or 0):+.1f} %" for g, v in by.items() if g != "all")
+    say(f"  [{entry.config_id}] the replay's {res.num_rows} steps against the profile "
+        f"(measured / predicted - 1, median): {text}")
+    notes.append(f"the replay's own steps against the profile it was predicted with "
+                 f"(measured / predicted - 1, median): {text}; {res.num_rows} of "
+                 f"{res.num_steps} steps joined (calibration/served/drift.txt)")
+    return summary
+
+
 def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, profile_path: Path,
                      out: Path, notes: list[str], say: Say = _say) -> dict[str, Any]:
     """Profile the running vLLM ``d`` again after its replay (same plan, fresh prompts) and
@@ -346,10 +416,10 @@ def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, pro
     from calibrate import measurements
     from calibrate.drift import drift
     from calibrate.profile import load_profile
-    from calibrate.profiling import default_plan, profile_engine, small_plan, within_model_len
+    from calibrate.profiling import PLANS, profile_engine, within_model_len
 
     sc = entry.loaded.scenario
-    plan = {"default": default_plan, "small": small_plan}[opts.calibrate_plan or "default"]()
+    plan = PLANS[opts.calibrate_plan or "default"]()
     plan = within_model_len(plan, getattr(sc.engine, "max_model_len", None))
     say(f"  [{entry.config_id}] profiling again after the replay ({opts.calibrate_plan} plan)")
     out.mkdir(parents=True, exist_ok=True)
@@ -560,9 +630,11 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
     for e in entries:  # before anything is deployed
         check_engine_fits(opts.engine, e.loaded.scenario, f"{shortlist}: config {e.config_id}")
     if opts.calibrate_plan:
-        if opts.calibrate_plan not in ("default", "small"):
+        from calibrate.profiling import PLANS
+
+        if opts.calibrate_plan not in PLANS:
             raise InputError("--calibrate-first", f"{opts.calibrate_plan!r}: no such plan",
-                             "use default or small")
+                             f"use one of {', '.join(PLANS)}")
         if opts.engine != "vllm":
             raise InputError("--calibrate-first", f"--engine {opts.engine}: profiling in "
                              "place reads vLLM's step log", "drop --calibrate-first, or "
@@ -591,7 +663,7 @@ def verify(shortlist: Path, out_dir: Path, opts: VerifyOptions, say: Say = _say)
                          "notes": m.notes, "replay": _plain(m.replay),
                          "profile": (str(m.profile_path.relative_to(cdir))
                                      if m.profile_path else None),
-                         "recheck": m.recheck}
+                         "recheck": m.recheck, "served": m.served}
                 _write_json(done, state)
             blocks = state["engine_info"].get("num_gpu_blocks")
             pinned = int(blocks) if blocks not in (None, "", "None") else None

@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--cache", default=None, help="testbed cache folder")
+    ap.add_argument("--plan", default="served", choices=("served", "default"),
+                    help="the profiling plan (calibrate.profiling.PLANS; default: served)")
+    ap.add_argument("--only", action="append", default=[], metavar="CONFIG",
+                    help="run only this config (repeat); the refit then uses the first")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify", str(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"), "--engine", "vllm",
         "--engine-python", str(vllm.python), "--model-path", str(model),
         "--served-model-name", "tiny", "--out", str(vdir), "--calibrate-first",
-        "--recheck-after",
+        args.plan, "--recheck-after", *(["--only", *args.only] if args.only else []),
         *(["--loadgen-cpus", "1"] if pin else []),
         *[a for k, v in vllm.env.items() for a in ("--engine-env", f"{k}={v}")]])
     if code:

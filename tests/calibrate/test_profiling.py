@@ -20,6 +20,8 @@ from calibrate.profiling import (
     default_plan,
     join_phase,
     profile_engine,
+    served_plan,
+    served_steps,
     small_plan,
     split_phases,
     tiny_vllm_spec,
@@ -157,6 +159,53 @@ def test_split_phases_by_tokens() -> None:
     parts = split_phases(steps_of(a + b), phases)
     assert [len(p) for p in parts] == [len(a), len(b)]
     assert parts[1]["iteration"].tolist() == list(range(len(a), len(a) + len(b)))
+
+
+def test_served_steps_joins_a_replay_from_its_first_line(tmp_path: Path) -> None:
+    # a profiling phase before, the replay (arrivals over 40 steps, chunked prefills, a
+    # prefix hit), then another phase after it: only the replay's steps are joined
+    before, _ = make_log([(300, 1, 0), (16, 4, 0)], 256)
+    replay = [(32, 20, 0), (500, 8, 2), (40, 30, 3), (200, 5, 10), (64, 12, 40)]
+    lines, truths = make_log(replay, 256, first_iteration=len(before))
+    after, _ = make_log([(16, 50, 0)], 256, first_iteration=len(before) + len(lines))
+    log = tmp_path / "engine.log"
+    log.write_text("\n".join(["INFO starting vLLM 0.32.0", *before, "INFO replaying",
+                              *lines, *after]) + "\n", encoding="utf-8")
+    first = len(before) + 3  # the line after "INFO replaying"
+    res = served_steps(log, first, [Sent(p, o) for p, o, _ in replay], tmp_path / "s.csv",
+                       log_wait_s=0)
+    assert res.dropped == {} and res.notes == []
+    assert res.num_rows == res.num_steps == len(truths)
+    df = measurements.read(res.csv_path)
+    assert df["num_decode_seqs"].tolist() == [len(t.contexts) for t in truths]
+    assert df["decode_context_tokens"].tolist() == [sum(t.contexts) for t in truths]
+    assert df["prefill_attn_work"].tolist() == [work(t) for t in truths]
+    assert df["source"].str.endswith("(served)").all()
+    # a request the list lacks: the join stops where the log stops fitting, counted
+    short = served_steps(log, first, [Sent(p, o) for p, o, _ in replay[:2] + replay[3:]],
+                         tmp_path / "t.csv", log_wait_s=0)
+    assert 0 < short.num_rows < short.num_steps
+    assert sum(short.dropped.values()) == short.num_steps - short.num_rows
+
+
+def test_served_plan_decodes_batches_as_they_churn() -> None:
+    plan = served_plan()
+    names = [p.name for p in plan]
+    served = [p for p in plan if p.name.startswith("served")]
+    assert len(served) == 4 and {"prefill-2048", "decode-x1-r0", "mix-x8-p256"} <= set(names)
+    # no lockstep decode batch beyond two sequences: the batches decode as served
+    assert not [n for n in names if n.startswith("decode-x") and
+                not n.startswith(("decode-x1-", "decode-x2-"))]
+    for p in served:
+        # one request a group, each at its own time: the order the join needs
+        assert all(g.count == 1 for g in p.groups) and len(p.arrival_order()) >= 24
+        outputs = [g.num_output_tokens for g in p.arrival_order()]
+        assert len(set(outputs)) >= 3  # requests finish at different steps
+    contexts = [g.num_prompt_tokens for p in served for g in p.groups]
+    assert min(contexts) <= 64 and max(contexts) >= 2048
+    assert within_model_len(plan, 1024) and all(
+        g.num_prompt_tokens + g.num_output_tokens <= 1024
+        for p in within_model_len(plan, 1024) for g in p.groups)
 
 
 def test_plan_rejects_ambiguous_arrival_order() -> None:

@@ -162,13 +162,20 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     # the host wanders by 10-30 % between launches, less on one engine within minutes
     assert abs(recheck["median_error"]) < 0.5, recheck
     assert any("profiled again after the replay" in n for n in c["notes"])
+    # the replay's own steps, joined with the requests sent: every one of them
+    served = done["served"]
+    assert served["num_rows"] == served["num_steps"] > 500 and not served["dropped"], served
+    assert set(served["by_regime"]) >= {"decode", "mixed", "all"}
+    assert (cal / "served" / "drift.txt").is_file()
+    assert any("the replay's own steps" in n for n in c["notes"])
     errors = {}
     for m in ("ttft_s", "tpot_s"):
         for s in ("p50", "p90"):
             errors[f"{m} {s}"] = c["predicted_summary"][m][s] / c["measured_summary"][m][s] - 1
     bounds = {"p50": P50_BOUND, "p90": P90_BOUND}
     assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), \
-        {"errors": errors, "engine drift across the replay": recheck}
+        {"errors": errors, "engine drift across the replay": recheck,
+         "the replay's steps against the profile": served["by_regime"]}
     assert engine_processes(str(model)) == []
 
 
