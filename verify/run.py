@@ -382,8 +382,12 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     tp = int(getattr(sc.engine, "tensor_parallel_size", 1) or 1)
     result = drift(measurements.read(out / "steps.csv"), profile, meta, resolved.model,
                    resolved.gpu, tp, sc.dtype, where=str(profile_path))
+    # the same, in sixths of the replay's steps: a trend is the engine drifting while it
+    # served (a timing-model error would sit level)
+    trend = _sixths(result.samples)
     _write_json(out / "drift.json", {"profile": str(profile_path), **summary,
-                                     "notes_join": res.notes, **result.as_dict()})
+                                     "notes_join": res.notes, "by_sixth": trend,
+                                     **result.as_dict()})
     lines = [f"{entry.config_id}: the replay's own steps against {profile_path.name} "
              "(error = measured / predicted - 1; the profile the prediction used)",
              *("  " + x for x in res.format().splitlines())]
@@ -393,17 +397,39 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
                          f"{100 * (r.median_error or 0):+.1f} %  p10 "
                          f"{100 * (r.p10_error or 0):+.1f} %  p90 "
                          f"{100 * (r.p90_error or 0):+.1f} %")
+    for g, values in trend.items():
+        lines.append(f"  {g:8s} median error by sixth of the replay: " + " ".join(
+            "-" if v is None else f"{100 * v:+.1f}" for v in values) + " %")
     lines += [f"  note: {n}" for n in result.notes]
     (out / "drift.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     by = {r.regime: r.median_error for r in result.regimes if r.num_samples}
     summary["by_regime"] = by
+    summary["by_sixth"] = trend
     text = ", ".join(f"{g} {100 * (v or 0):+.1f} %" for g, v in by.items() if g != "all")
+    text += "; decode by sixth of the replay " + " ".join(
+        "-" if v is None else f"{100 * v:+.0f}" for v in trend["decode"]) + " %"
     say(f"  [{entry.config_id}] the replay's {res.num_rows} steps against the profile "
         f"(measured / predicted - 1, median): {text}")
     notes.append(f"the replay's own steps against the profile it was predicted with "
                  f"(measured / predicted - 1, median): {text}; {res.num_rows} of "
                  f"{res.num_steps} steps joined (calibration/served/drift.txt)")
     return summary
+
+
+def _sixths(samples: Any) -> dict[str, list[float | None]]:
+    """Median error (measured / predicted - 1) of the decode steps and of all steps in each
+    sixth of ``samples`` (calibrate.drift's per-sample table, in step order)."""
+    out: dict[str, list[float | None]] = {}
+    n = len(samples)
+    for g in ("decode", "all"):
+        values: list[float | None] = []
+        for k in range(6):
+            part = samples.iloc[k * n // 6:(k + 1) * n // 6]
+            if g != "all":
+                part = part[part["regime"] == g]
+            values.append(float(part["error"].median()) if len(part) else None)
+        out[g] = values
+    return out
 
 
 def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, profile_path: Path,

@@ -131,3 +131,20 @@ def test_trace_prefix_tokens_counts_leading_seen_blocks_in_whole_kv_blocks() -> 
     assert trace_prefix_tokens(trace, 16) == 80
     # block 32: 0 + 32 + 0 + 32 = 64
     assert trace_prefix_tokens(trace, 32) == 64
+
+
+def test_served_step_errors_by_sixth_show_a_trend() -> None:
+    import pandas as pd
+
+    from verify.run import _sixths
+
+    # 60 steps: decode steps drifting from -6 % to +6 %, a mixed step every fifth, flat
+    err = [0.0 if i % 5 == 0 else -0.06 + 0.12 * i / 59 for i in range(60)]
+    samples = pd.DataFrame({"error": err,
+                            "regime": ["mixed" if i % 5 == 0 else "decode" for i in range(60)]})
+    got = _sixths(samples)
+    assert len(got["decode"]) == len(got["all"]) == 6
+    assert got["decode"] == sorted(got["decode"])  # rising, sixth by sixth
+    assert got["decode"][0] == pytest.approx(-0.06 + 0.12 * 4.5 / 59, abs=0.01)
+    # a regime with no steps in a sixth is None, not 0
+    assert _sixths(samples.iloc[:6])["decode"][0] is None
