@@ -371,6 +371,18 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     res = served_steps(d.log_path, first_line, sent, out / "steps.csv")
     summary: dict[str, Any] = {"num_steps": res.num_steps, "num_rows": res.num_rows,
                                "dropped": res.dropped, "path": "calibration/served"}
+    replay = [r for r in recs if r["request_id"] >= 0]
+    if res.num_rows and res.num_rows == res.num_steps and replay:
+        import pandas as pd
+
+        logged = pd.read_csv(out / "steps.csv")["measured_s"].to_numpy()
+        warm = sum(1 for r in recs if r["request_id"] < 0)
+        # the warm-up's steps come first; the rest are the replay's
+        first_replay = _first_replay_step(sent[:warm], pd.read_csv(out / "steps.csv"))
+        busy = _busy_wall_s(replay)
+        steps = logged[first_replay:]
+        summary["host_gap_s"] = (busy - float(steps.sum())) / max(len(steps), 1)
+        summary["busy_wall_s"] = busy
     if res.num_rows == 0:
         (out / "drift.txt").write_text(res.format() + "\n", encoding="utf-8")
         notes.append(f"the replay's steps could not be joined with its requests "
@@ -397,6 +409,14 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
                          f"{100 * (r.median_error or 0):+.1f} %  p10 "
                          f"{100 * (r.p10_error or 0):+.1f} %  p90 "
                          f"{100 * (r.p90_error or 0):+.1f} %")
+    prov_gap = (meta.get("provenance") or {}).get("host_step_gap_s")
+    if "host_gap_s" in summary:
+        summary["host_gap_profiled_s"] = prov_gap
+        lines.append(f"  host time between steps during the replay: "
+                     f"{1e3 * summary['host_gap_s']:.2f} ms a step at most (wall time with a "
+                     f"request in flight, {summary['busy_wall_s']:.1f} s, less the replay's "
+                     f"logged step times); profiled: "
+                     + ("-" if prov_gap is None else f"{1e3 * float(prov_gap):.2f} ms"))
     for g, values in trend.items():
         lines.append(f"  {g:8s} median error by sixth of the replay: " + " ".join(
             "-" if v is None else f"{100 * v:+.1f}" for v in values) + " %")
@@ -408,12 +428,40 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     text = ", ".join(f"{g} {100 * (v or 0):+.1f} %" for g, v in by.items() if g != "all")
     text += "; decode by sixth of the replay " + " ".join(
         "-" if v is None else f"{100 * v:+.0f}" for v in trend["decode"]) + " %"
+    if "host_gap_s" in summary and prov_gap is not None:
+        text += (f"; host time between steps {1e3 * summary['host_gap_s']:.2f} ms a step "
+                 f"at most (profiled {1e3 * float(prov_gap):.2f})")
     say(f"  [{entry.config_id}] the replay's {res.num_rows} steps against the profile "
         f"(measured / predicted - 1, median): {text}")
     notes.append(f"the replay's own steps against the profile it was predicted with "
                  f"(measured / predicted - 1, median): {text}; {res.num_rows} of "
                  f"{res.num_steps} steps joined (calibration/served/drift.txt)")
     return summary
+
+
+def _busy_wall_s(records: list[dict[str, Any]]) -> float:
+    """Wall time with at least one request in flight (the union of send-to-finish spans):
+    the engine's busy time, plus the HTTP time at the edges of each busy period."""
+    spans = sorted((float(r["send_s"]), float(r["finish_s"])) for r in records
+                   if r.get("finish_s") is not None)
+    total, (start, end) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > end:
+            total += end - start
+            start, end = a, b
+        else:
+            end = max(end, b)
+    return total + end - start
+
+
+def _first_replay_step(warmup: Sequence[Any], steps: Any) -> int:
+    """The index of the first step after the warm-up's tokens (its requests ran alone)."""
+    import numpy as np
+
+    tokens = sum(r.num_prompt_tokens - r.num_cached_tokens + r.num_output_tokens - 1
+                 for r in warmup)
+    done = np.cumsum(steps["num_prefill_tokens"] + steps["num_decode_seqs"])
+    return int(np.searchsorted(done, tokens, side="right"))
 
 
 def _sixths(samples: Any) -> dict[str, list[float | None]]:

@@ -10,7 +10,9 @@ tiny_vllm_cpu.yaml: 218 Mooncake requests, three configs). For each config it
 2. profiles it with calibrate.profiling's default plan of controlled request shapes (a
    workload the replay never sends) -> ``verify/CONFIG/calibration/steps.csv``, and fits
    that engine's timing profile from those steps alone -> ``.../profile.yaml``;
-3. replays the trace on the same engine and predicts it with that profile;
+3. replays the trace on the same engine and predicts it with that profile; joins the
+   replay's own step lines with the requests it sent and compares them with the profile
+   per regime, and in sixths of the replay -> ``.../calibration/served/``;
 4. profiles the same engine once more after the replay (``--recheck-after``) and compares
    those steps with the profile the prediction used -> ``.../calibration/after/``;
 
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     ap.add_argument("--cache", default=None, help="testbed cache folder")
-    ap.add_argument("--plan", default="served", choices=("served", "default"),
-                    help="the profiling plan (calibrate.profiling.PLANS; default: served)")
+    ap.add_argument("--plan", default="default", choices=("default", "served"),
+                    help="the profiling plan (calibrate.profiling.PLANS; default: default)")
     ap.add_argument("--only", action="append", default=[], metavar="CONFIG",
                     help="run only this config (repeat); the refit then uses the first")
     args = ap.parse_args(argv)

@@ -167,6 +167,7 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     assert served["num_rows"] == served["num_steps"] > 500 and not served["dropped"], served
     assert set(served["by_regime"]) >= {"decode", "mixed", "all"}
     assert len(served["by_sixth"]["decode"]) == 6 and None not in served["by_sixth"]["all"]
+    assert 0 < served["host_gap_s"] < 0.05 and served["host_gap_profiled_s"] > 0
     assert (cal / "served" / "drift.txt").is_file()
     assert any("the replay's own steps" in n for n in c["notes"])
     errors = {}

@@ -148,3 +148,20 @@ def test_served_step_errors_by_sixth_show_a_trend() -> None:
     assert got["decode"][0] == pytest.approx(-0.06 + 0.12 * 4.5 / 59, abs=0.01)
     # a regime with no steps in a sixth is None, not 0
     assert _sixths(samples.iloc[:6])["decode"][0] is None
+
+
+def test_busy_wall_time_is_the_union_of_request_spans() -> None:
+    from calibrate.profiling import Sent
+    from verify.run import _busy_wall_s, _first_replay_step
+
+    recs = [{"send_s": 0.0, "finish_s": 1.0}, {"send_s": 0.5, "finish_s": 1.5},
+            {"send_s": 3.0, "finish_s": 3.25}, {"send_s": 3.1, "finish_s": 3.2},
+            {"send_s": 4.0, "finish_s": None}]  # failed before it finished: not counted
+    assert _busy_wall_s(recs) == pytest.approx(1.5 + 0.25)
+    import pandas as pd
+
+    # two warm-up requests of 4 prompt tokens and 3 outputs: 8 + 2 + 2 tokens, then the
+    # replay's steps
+    steps = pd.DataFrame({"num_prefill_tokens": [8, 0, 0, 16, 0],
+                          "num_decode_seqs": [0, 2, 2, 0, 1]})
+    assert _first_replay_step([Sent(4, 3), Sent(4, 3)], steps) == 3
