@@ -75,3 +75,30 @@ def test_committed_recheck_is_the_drift_of_the_committed_steps() -> None:
             assert after[g].median_error == pytest.approx(d["by_regime_after"][g], abs=1e-9)
         state = json.loads((cal.parent / "done.json").read_text(encoding="utf-8"))
         assert state["recheck"]["median_error"] == pytest.approx(d["median_error_after"])
+
+
+def test_committed_served_steps_are_the_drift_of_the_replays_own_steps() -> None:
+    """The replay's own steps (joined with the requests it sent) against the profile the
+    prediction used (done.json's `served`, the README's third table), computed again from
+    the committed steps."""
+    from calibrate import measurements
+    from calibrate.drift import drift
+    from calibrate.profile import load_profile
+    from sim.simulate import resolve
+    from verify.run import _sixths
+
+    entries = {e.config_id: e for e in load_configs(TINY)}
+    for cid, entry in entries.items():
+        cal = LOOP / "verify" / cid / "calibration"
+        served = json.loads((cal.parent / "done.json").read_text(encoding="utf-8"))["served"]
+        steps = measurements.read(cal / "served" / "steps.csv")
+        assert served["num_rows"] == served["num_steps"] == len(steps) > 1000
+        assert not served["dropped"]
+        profile, meta = load_profile(cal / "profile.yaml")
+        r = resolve(entry.loaded)
+        result = drift(steps, profile, meta, r.model, r.gpu, 1, "bf16")
+        for g, value in served["by_regime"].items():
+            assert result.by_regime()[g].median_error == pytest.approx(value, abs=1e-9)
+        got = _sixths(result.samples)
+        for g, values in served["by_sixth"].items():
+            assert got[g] == pytest.approx(values, abs=1e-9), (cid, g)

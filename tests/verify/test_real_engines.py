@@ -120,13 +120,14 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     compares those steps with the profile (--recheck-after). The load generator runs off
     the engine's compute core, as in reports/loop-tiny-vllm-cpu/run.py.
 
-    The bounds are the calibrate issue's. They are not always met on this 2-core host: of
+    The bounds are the calibrate issue's. They are not always met on a 2-core host: of
     six runs of this test, one (CI, 2026-11-27) measured TTFT p50 -12.9 % and TPOT p90
-    -15.7 %, its engine 4.9 % faster after the replay than when profiled. Decode steps
-    right after a prefill run slower than the profile's lockstep decode steps, and the
-    timing model has no term for that yet (reports/loop-tiny-vllm-cpu/README.md, Churn);
-    the failure message carries the engine's drift across the replay to tell the two
-    causes apart."""
+    -15.7 %, its engine 4.9 % faster after the replay than when profiled. The replay's own
+    steps are joined with its requests and compared with the profile (calibration/served/):
+    the failure message carries those errors, their trend over the replay, the host time
+    between steps during the replay against the profiled one, and the engine's drift
+    across the replay, to tell a timing-model error from an engine or host that moved
+    (reports/loop-tiny-vllm-cpu/README.md)."""
     vllm, model = vllm_bed
     cpus = os.sched_getaffinity(0)
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
@@ -177,7 +178,10 @@ def test_verify_calibrating_each_engine_first(vllm_bed: tuple[testbed.VllmTestbe
     bounds = {"p50": P50_BOUND, "p90": P90_BOUND}
     assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), \
         {"errors": errors, "engine drift across the replay": recheck,
-         "the replay's steps against the profile": served["by_regime"]}
+         "the replay's steps against the profile": served["by_regime"],
+         "by sixth of the replay": served["by_sixth"],
+         "host time between steps, replay / profiled": (served["host_gap_s"],
+                                                        served["host_gap_profiled_s"])}
     assert engine_processes(str(model)) == []
 
 
