@@ -94,10 +94,29 @@ class Worker:
         self.plan: Plan | None = None
         self._gen = 0
         self._schedule_armed = False
+        # the API server in front of the engine takes requests in one at a time, each
+        # taking frontend_s before the engine sees it (TimingProfile.frontend_s; 0: none)
+        profile = getattr(engine.timing, "profile", None)
+        self.frontend_s = float(getattr(profile, "frontend_s", 0.0))
+        self._frontend_free = 0.0  # when the API server is next free
 
     # -------------------------------------------------------------- intake
     def submit(self, req: Request, now: float) -> None:
         req.worker_id = self.worker_id
+        if self.frontend_s > 0.0:
+            at = max(now, self._frontend_free) + self.frontend_s
+            self._frontend_free = at
+            _at(self.env, at, ARRIVAL_PRIORITY, self._on_frontend, req)
+            return
+        self._admit(req, now)
+
+    def _on_frontend(self, ev: simpy.Event) -> None:
+        self.cluster.counter.events += 1
+        req = ev.value
+        assert isinstance(req, Request)
+        self._admit(req, self.env.now)
+
+    def _admit(self, req: Request, now: float) -> None:
         if not self.engine.add_request(req):
             self.cluster.on_done(req, now)
             return

@@ -22,7 +22,7 @@ _EFFICIENCIES = (
     "attn_decode_eff",
     "comm_eff",
 )
-_SECONDS = ("step_overhead_s", "per_seq_overhead_s", "allreduce_latency_s")
+_SECONDS = ("step_overhead_s", "per_seq_overhead_s", "allreduce_latency_s", "frontend_s")
 # an efficiency is a fraction of the device's peak, so at most 1, except on a device whose
 # catalog rates are nominal (GpuSpec.efficiency_ceiling, at most this); the timing model
 # checks a profile against its device's own ceiling (check_efficiencies)
@@ -56,6 +56,11 @@ class TimingProfile:
     # batch 8–128); V1's persistent batch and overlapped scheduling cut most of that.
     step_overhead_s: float = 5e-4
     per_seq_overhead_s: float = 1e-5
+    # The API server's time per request before the engine sees it, requests taken in one
+    # at a time (sim/cluster.py Worker.submit): a burst reaches an idle engine staggered, so
+    # its first request runs a step alone. Measured by calibrate.profiling (bursts sent
+    # together); 0 where unmeasured (the op-table profiles time kernels only).
+    frontend_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_profile(asdict(self), "TimingProfile")

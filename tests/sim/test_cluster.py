@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from sim.engines.vllm import VllmConfig
+from sim.errors import CatalogError
+from sim.timing import TimingProfile
 from sim.workload import ClosedLoop
 from tests.sim.factories import LinearTiming, make_trace, run_cluster
 
@@ -79,3 +81,35 @@ def test_progress_reports_each_percent_and_the_end() -> None:
     done = [d for d, _ in calls]
     assert calls[-1] == (n, n) and all(t == n for _, t in calls)
     assert done == sorted(set(done)) and len(done) == 126  # every 2 requests, then the end
+
+
+class _FrontendTiming(LinearTiming):
+    """TIMING, with a profile whose API server takes 0.25 s per request."""
+
+    def __init__(self, frontend_s: float) -> None:
+        super().__init__(base=1.0, per_prefill_token=0.25, per_decode_seq=0.5, per_context=0.0)
+        self.profile = TimingProfile(frontend_s=frontend_s)
+
+
+@pytest.mark.parametrize("ff", [False, True])
+def test_the_api_server_takes_a_burst_in_one_request_at_a_time(ff: bool) -> None:
+    # three 4-token prompts (3 out) at 0. Without a front end one step prefills all three
+    # (1 + 0.25 * 12 = 4.0). With 0.25 s a request, A reaches the engine at 0.25 and runs
+    # alone (2.0) -> 2.25; B (0.5) and C (0.75) wait for that step, then prefill beside A's
+    # decode: 1 + 0.25 * 8 + 0.5 = 3.5 -> 5.75. TTFT still counts from the arrival, 0.
+    trace = make_trace([0.0, 0.0, 0.0], [4, 4, 4], [3, 3, 3])
+    outcome, rec = run_cluster(trace, CFG, 1, ff, _FrontendTiming(0.0))
+    assert rec.columns["first_token_s"].tolist() == [4.0, 4.0, 4.0]
+    outcome, rec = run_cluster(trace, CFG, 1, ff, _FrontendTiming(0.25))
+    assert rec.columns["arrival_s"].tolist() == [0.0, 0.0, 0.0]
+    assert rec.columns["first_token_s"].tolist() == [2.25, 5.75, 5.75]
+    assert token_times(rec, 0) == [2.25, 5.75, 8.25]  # then three decode: 1 + 1.5
+    prefill = outcome.engines[0].steps.column("num_prefill_tokens").tolist()
+    assert prefill[:2] == [4, 8] and not any(prefill[2:])
+
+
+def test_a_profile_carries_its_front_end_time() -> None:
+    p = TimingProfile.from_dict({"frontend_s": 0.0012})
+    assert p.frontend_s == 0.0012 and p.to_dict()["frontend_s"] == 0.0012
+    with pytest.raises(CatalogError, match="frontend_s"):
+        TimingProfile.from_dict({"frontend_s": -1})
