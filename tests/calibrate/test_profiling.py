@@ -17,13 +17,18 @@ from calibrate.profiling import (
     Phase,
     ProfilingResult,
     Sent,
+    burst_lag,
+    decode_gaps,
     default_plan,
+    gap_summary,
     join_phase,
     profile_engine,
+    serialized_phase,
     served_plan,
     served_steps,
     small_plan,
     split_phases,
+    step_walls,
     tiny_vllm_spec,
     within_model_len,
 )
@@ -41,6 +46,7 @@ class Truth:
 
     chunks: list[tuple[int, int]]  # (new tokens n, tokens before c)
     contexts: list[int]  # decode context lengths, the new token included
+    emitted: list[int]  # the requests that got a token from it (decoders, finished prompts)
 
 
 def make_log(requests: list[tuple[int, int, int]], max_num_batched_tokens: int,
@@ -49,7 +55,7 @@ def make_log(requests: list[tuple[int, int, int]], max_num_batched_tokens: int,
     running requests first (a decode takes one token, a prefill continues), then waiting
     ones in order, the last one admitted cut to the budget (vLLM V1's scheduler)."""
     state = [{"p": p, "o": o, "at": at, "done": 0, "gen": 0,
-              "admitted": False} for p, o, at in requests]
+              "admitted": False, "k": k} for k, (p, o, at) in enumerate(requests)]
     running: list[dict] = []
     lines, truths = [], []
     step = 0
@@ -77,7 +83,9 @@ def make_log(requests: list[tuple[int, int, int]], max_num_batched_tokens: int,
             step += 1
             continue
         truths.append(Truth([(n, r["done"]) for r, n in chunks],
-                            [r["p"] + r["gen"] for r in decodes]))
+                            [r["p"] + r["gen"] for r in decodes],
+                            [r["k"] for r in decodes]
+                            + [r["k"] for r, n in chunks if r["done"] + n == r["p"]]))
         lines.append(LINE.format(i=first_iteration + len(lines), a=len(chunks),
                                  b=sum(n for _, n in chunks), c=len(decodes), d=len(decodes),
                                  ms=1.0 + len(lines)))
@@ -125,12 +133,81 @@ def test_join_recovers_every_step(requests: list[tuple[int, int, int]], budget: 
     j = join_phase(steps_of(lines), [Sent(p, o) for p, o, _ in requests])
     assert not j.dropped and not j.notes
     assert len(j.rows) == len(truths)
+    assert j.emitted == [t.emitted for t in truths]
     for row, t in zip(j.rows, truths, strict=True):
         assert row["num_prefill_tokens"] == sum(n for n, _ in t.chunks)
         assert row["prefill_attn_work"] == work(t)
         assert row["num_prefill_seqs"] == len(t.chunks)
         assert row["num_decode_seqs"] == len(t.contexts)
         assert row["decode_context_tokens"] == sum(t.contexts)
+
+
+def test_client_token_times_give_the_host_time_before_each_decode_step() -> None:
+    """The client receives a step's tokens at the step's end; two consecutive steps' walls
+    differ by the second's elapsed time plus the host time before it. Here that time is
+    0.2 ms + 0.1 ms per decoder, each request's chunk lands up to 0.05 ms late, and one
+    request's chunks were merged (fewer events than tokens): it is left out."""
+    requests = [(32, 30, 0), (32, 30, 0), (32, 30, 2), (64, 12, 5), (32, 30, 9)]
+    lines, truths = make_log(requests, 256)
+    steps = steps_of(lines)
+    j = join_phase(steps, [Sent(p, o) for p, o, _ in requests])
+    rows = pd.DataFrame(j.rows)
+    gap = [2e-4 + 1e-4 * len(t.contexts) for t in truths]
+    wall, walls = 0.0, []
+    for g, ms in zip(gap, steps["elapsed_s"], strict=True):
+        wall += g + ms
+        walls.append(wall)
+    events: list[list[float]] = [[] for _ in requests]
+    for w, t in zip(walls, truths, strict=True):
+        for k in t.emitted:
+            events[k].append(w + 5e-5 * k / len(requests))
+    events[3] = events[3][:-2]  # merged chunks: cannot be matched to steps
+    assert step_walls(j.emitted, events) == pytest.approx(walls, abs=6e-5)
+    gaps, batch = decode_gaps(j.emitted, events, rows)
+    decode = [i for i in range(1, len(truths)) if not truths[i].chunks]
+    assert len(gaps) == len(decode) > 20
+    assert gaps == pytest.approx([gap[i] for i in decode], abs=6e-5)
+    assert batch.tolist() == [len(truths[i].contexts) for i in decode]
+    med, by_batch = gap_summary(gaps, batch)
+    assert by_batch == pytest.approx({n: 2e-4 + 1e-4 * n for n in by_batch}, abs=6e-5)
+    assert set(by_batch) == {1, 2, 3, 4, 5} and med is not None
+    assert gap_summary(gaps[:0], batch[:0]) == (None, {})
+
+
+def test_a_group_that_reached_the_engine_one_at_a_time_is_named() -> None:
+    phase = Phase("decode-x3", (Group(32, 20, 3),))
+    together, _ = make_log([(32, 20, 0)] * 3, 256)
+    apart, _ = make_log([(32, 20, 0), (32, 20, 20), (32, 20, 40)], 256)
+    rows = {k: join_phase(steps_of(lines), [Sent(32, 20) for _ in range(3)]).rows
+            for k, lines in (("together", together), ("apart", apart))}
+    assert not serialized_phase(phase, rows["together"])
+    assert serialized_phase(phase, rows["apart"])
+    # requests sent one after another on purpose are not a symptom
+    assert not serialized_phase(Phase("p", (Group(32, 20, 3, sequential=True),)),
+                                rows["apart"])
+
+
+def test_a_burst_says_how_far_apart_the_engine_saw_its_requests() -> None:
+    burst = Phase("decode-x8", (Group(32, 20, 8),))
+    ms = [0.010, 0.020, 0.005, 0.005]
+    # the first alone, the other seven at the next step: the last came within step 1
+    # (0 .. 10 ms + 1 ms of host time), taken as its middle, over 7 intervals
+    assert burst_lag(burst, [1, 7, 0, 0], ms, 0.001) == pytest.approx(0.011 / 2 / 7)
+    # three at step 2, four at step 3: the 8th came between 11 and 32 ms
+    assert burst_lag(burst, [1, 3, 4, 0], ms, 0.001) == pytest.approx((0.011 + 0.032) / 2 / 7)
+    assert burst_lag(burst, [8, 0, 0, 0], ms, 0.001) == 0.0  # all there at once
+    # the join counts admissions per step
+    lines, _ = make_log([(32, 20, 0), (32, 20, 1), (32, 20, 1), (32, 20, 1)], 256)
+    j = join_phase(steps_of(lines), [Sent(32, 20) for _ in range(4)])
+    assert j.admitted[:3] == [1, 3, 0] and sum(j.admitted) == 4
+    # not bursts: too few, one after another, long prompts (the budget could split them)
+    assert burst_lag(Phase("x2", (Group(32, 20, 2),)), [1, 1], ms, 0.0) is None
+    assert burst_lag(Phase("s", (Group(32, 20, 8, sequential=True),)), [1, 7], ms, 0.0) is None
+    assert burst_lag(Phase("l", (Group(1024, 20, 8),)), [1, 7], ms, 0.0) is None
+    assert burst_lag(burst, [1, 1, 1, 0], ms, 0.0) is None  # fewer than MIN_BURST admitted
+    # four seats: the 5th-8th waited for a seat, so the 4th admitted is the last timed
+    assert burst_lag(burst, [1, 3, 1, 3], ms, 0.001, [1, 4, 4, 4]) == pytest.approx(
+        0.011 / 2 / 3)
 
 
 def test_join_reads_prefix_hits() -> None:

@@ -15,6 +15,7 @@ import signal
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -151,6 +152,15 @@ def test_verify_calibrating_each_engine_first(calibrated_loop: tuple[Path, dict,
     doc = yaml.safe_load((cal / "profile.yaml").read_text())
     assert doc["provenance"]["engine_version"] == "0.32.0"
     assert 0 < doc["provenance"]["host_step_gap_s"] < 0.02
+    # the profile the twin predicted with carries how far apart the API server handed the
+    # bursts' requests to the engine: their median, or 0 where every burst was taken in
+    # one request at a time (no spacing to measure)
+    bursts = list((doc["provenance"].get("frontend_bursts") or {}).values())
+    frontend = doc["timing"]["profile"]["frontend_s"]
+    assert frontend == (pytest.approx(float(np.median(bursts))) if bursts else 0.0)
+    assert 0 <= frontend < 0.05
+    # every batch of decoders went out behind its hold and decoded as a batch
+    assert "one at a time" not in text, text
     assert any("fitted on this deployment" in n for n in c["notes"])
     # the second profiling run reads the log from after the replay's last step line on:
     # every step joins (a line number off by one would drop nearly all of them)
@@ -171,6 +181,13 @@ def test_verify_calibrating_each_engine_first(calibrated_loop: tuple[Path, dict,
     assert set(served["by_regime"]) >= {"decode", "mixed", "all"}
     assert len(served["by_sixth"]["decode"]) == 6 and None not in served["by_sixth"]["all"]
     assert 0 < served["host_gap_s"] < 0.05 and served["host_gap_profiled_s"] > 0
+    # the same per decode step from the token times (a request's chunks are its tokens),
+    # in the profiling run and in the replay
+    # (negative where the API server fell behind and the client got tokens in bunches)
+    assert served["host_gap_client_steps"] > 300
+    assert abs(served["host_gap_client_s"]) < 0.05
+    assert abs(served["host_gap_client_profiled_s"]) < 0.05
+    assert {int(n) for n in served["host_gap_client_by_batch"]} <= set(range(1, 9))
     assert (cal / "served" / "drift.txt").is_file()
     assert any("the replay's own steps" in n for n in c["notes"])
     assert engine_processes(str(model)) == []
@@ -206,7 +223,10 @@ def test_calibrated_loop_within_the_issues_bounds(calibrated_loop: tuple[Path, d
          "the replay's steps against the profile": served["by_regime"],
          "by sixth of the replay": served["by_sixth"],
          "host time between steps, replay / profiled": (served["host_gap_s"],
-                                                        served["host_gap_profiled_s"])}
+                                                        served["host_gap_profiled_s"]),
+         "host time before decode steps by the token times, replay / profiled, by batch": (
+             served.get("host_gap_client_by_batch"),
+             served.get("host_gap_client_profiled_s"))}
 
 
 def test_verify_on_real_llama_server(llama_bed: tuple[testbed.LlamaCppTestbed, Path],
