@@ -18,10 +18,12 @@ tiny_vllm_cpu.yaml: 218 Mooncake requests, three configs). For each config it
 
 then writes the errors against the calibrate issue's bounds (p50 within 10 %, p90 within
 15 %) -> ``numbers.json``; how far each engine moved across its replay, and what the
-prediction would have been with the profile measured after the replay or with both
-profiling runs pooled (diagnostics, not the loop's result) -> ``recheck.json``; and runs
-the end-to-end refit from the first config's profile -> ``refit.json`` /
-``profile.refit.yaml``.
+prediction would have been with the profile measured after the replay, with both
+profiling runs pooled, or with the profile it used less the API server's time per request
+(``frontend_s``, measured from the plan's bursts) (diagnostics, not the loop's result) ->
+``recheck.json``; and runs the end-to-end refit from the first config's profile ->
+``refit.json`` / ``profile.refit.yaml``. ``--again`` derives those from a run already in
+``--out``, without an engine.
 
 Profiling each deployment right before its replay keeps the host's state (this 2-core
 host drifts by +-20 % over minutes) and the config's own knobs the same in both. The CPU
@@ -36,6 +38,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -52,26 +56,38 @@ def main(argv: list[str] | None = None) -> int:
                     help="the profiling plan (calibrate.profiling.PLANS; default: default)")
     ap.add_argument("--only", action="append", default=[], metavar="CONFIG",
                     help="run only this config (repeat); the refit then uses the first")
+    ap.add_argument("--again", action="store_true",
+                    help="no engine: derive numbers.json, recheck.json and the refit again "
+                    "from the run already in --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    vdir = out / "verify"
+    if not args.again and (code := run_loop(args, out, vdir)):
+        return code
+    return derive(out, vdir)
 
+
+def run_loop(args: argparse.Namespace, out: Path, vdir: Path) -> int:
+    """servetwin verify --calibrate-first --recheck-after on the reference replay."""
     from servetwin.cli import main as servetwin_main
     from verify import testbed
 
     vllm = testbed.ensure_vllm(args.cache)
     model = testbed.ensure_tiny_hf(args.cache, vllm=vllm)
     pin = len(os.sched_getaffinity(0)) >= 2
-    vdir = out / "verify"
-    code = servetwin_main([
+    return servetwin_main([
         "verify", str(ROOT / "scenarios" / "verify" / "tiny_vllm_cpu.yaml"), "--engine", "vllm",
         "--engine-python", str(vllm.python), "--model-path", str(model),
         "--served-model-name", "tiny", "--out", str(vdir), "--calibrate-first",
         args.plan, "--recheck-after", *(["--only", *args.only] if args.only else []),
         *(["--loadgen-cpus", "1"] if pin else []),
         *[a for k, v in vllm.env.items() for a in ("--engine-env", f"{k}={v}")]])
-    if code:
-        return code
+
+
+def derive(out: Path, vdir: Path) -> int:
+    """The run's errors against the bounds, the what-ifs and the refit, from its files."""
+    from servetwin.cli import main as servetwin_main
 
     comp = json.loads((vdir / "comparison.json").read_text(encoding="utf-8"))
     numbers: dict[str, dict[str, float]] = {}
@@ -122,14 +138,23 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
         pooled_gap = [g for g in (_gap(cal / "profile.yaml"), drift.get("step_gap_s")) if g]
         fit_in_place(entries[cid], [cal / "steps.csv", cal / "after" / "steps.csv"],
                      sum(pooled_gap) / len(pooled_gap) if pooled_gap else None, pooled,
-                     "both profiling runs of this deployment, before and after its replay")
+                     "both profiling runs of this deployment, before and after its replay",
+                     bursts=_bursts(cal / "profile.yaml") + _bursts(cal / "after" /
+                                                                    "profile.yaml"))
         blocks = int(done["engine_info"]["num_gpu_blocks"])
         row: dict = {"engine_drift": {
             "median_error_after": drift["regimes"]["all"]["median_error"],
             "median_error_before": drift["before_in_sample"]["all"],
             "by_regime_after": {g: r["median_error"] for g, r in drift["regimes"].items()},
             "by_regime_before": drift["before_in_sample"], "verdict": drift["verdict"]}}
-        for name, prof in (("after", cal / "after" / "profile.yaml"), ("pooled", pooled)):
+        # the profile the prediction used, without the API server's time per request
+        plain = cal / "after" / "profile.no-frontend.yaml"
+        doc = yaml.safe_load((cal / "profile.yaml").read_text(encoding="utf-8"))
+        row["frontend_s"] = float(doc["timing"]["profile"].get("frontend_s", 0.0))
+        doc["timing"]["profile"]["frontend_s"] = 0.0
+        plain.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        for name, prof in (("after", cal / "after" / "profile.yaml"), ("pooled", pooled),
+                           ("no_frontend", plain)):
             res, _ = predict(entries[cid], blocks, prof)
             row[f"errors_with_{name}_profile"] = {
                 f"{m}.{s}": res.summary[m][s] / c["measured_summary"][m][s] - 1
@@ -141,12 +166,21 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
               + " ".join(f"{100 * v:+.1f}%" for v in row["errors_with_after_profile"].values())
               + "  /  "
               + " ".join(f"{100 * v:+.1f}%" for v in row["errors_with_pooled_profile"].values()))
+    print("\nconfig            API server's time per request; errors predicted without it")
+    for cid, row in out.items():
+        print(f"{cid:<18}{1e3 * row['frontend_s']:5.2f} ms  " + " ".join(
+            f"{100 * v:+.1f}%" for v in row["errors_with_no_frontend_profile"].values()))
     return out
 
 
-def _gap(profile_yaml: Path) -> float | None:
-    import yaml
+def _bursts(profile_yaml: Path) -> list[tuple[str, float]]:
+    """The bursts a profile's API-server time came from (provenance.frontend_bursts)."""
+    doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
+    return [(str(k), float(v)) for k, v in
+            ((doc.get("provenance") or {}).get("frontend_bursts") or {}).items()]
 
+
+def _gap(profile_yaml: Path) -> float | None:
     doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
     g = (doc.get("provenance") or {}).get("host_step_gap_s")
     return float(g) if g is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sim.metrics import summarize
@@ -102,3 +103,33 @@ def test_committed_served_steps_are_the_drift_of_the_replays_own_steps() -> None
         got = _sixths(result.samples)
         for g, values in served["by_sixth"].items():
             assert got[g] == pytest.approx(values, abs=1e-9), (cid, g)
+
+
+def test_committed_loop_without_the_api_servers_time(tmp_path: Path) -> None:
+    """recheck.json's what-if: each config predicted with the profile it was predicted with
+    but no API-server time per request (frontend_s = 0, as every profile had before it was
+    measured), computed again."""
+    import yaml
+
+    comp = json.loads((LOOP / "verify" / "comparison.json").read_text(encoding="utf-8"))
+    recheck = json.loads((LOOP / "recheck.json").read_text(encoding="utf-8"))
+    entries = {e.config_id: e for e in load_configs(TINY)}
+    for c in comp["configs"]:
+        cid = c["config_id"]
+        cdir = LOOP / "verify" / cid
+        doc = yaml.safe_load((cdir / "calibration" / "profile.yaml").read_text(encoding="utf-8"))
+        row = recheck[cid]
+        # the profile's API-server time is the median of its bursts' (none: not measured)
+        bursts = list((doc["provenance"].get("frontend_bursts") or {}).values())
+        fe = doc["timing"]["profile"]["frontend_s"]
+        assert row["frontend_s"] == fe == (pytest.approx(float(np.median(bursts)))
+                                           if bursts else 0.0)
+        doc["timing"]["profile"]["frontend_s"] = 0.0
+        plain = tmp_path / f"{cid}.yaml"
+        plain.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        state = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
+        result, _ = predict(entries[cid], int(state["engine_info"]["num_gpu_blocks"]), plain)
+        ps = summarize(result.records)
+        for key, value in row["errors_with_no_frontend_profile"].items():
+            m, s = key.split(".")
+            assert ps[m][s] / c["measured_summary"][m][s] - 1 == pytest.approx(value, abs=1e-6)
