@@ -53,6 +53,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--dtype", default=None, choices=("bf16", "fp16", "fp8"),
                    help="default bf16, or the profile's with --against")
     c.add_argument("--loss", default="soft_l1", choices=("linear", "soft_l1", "huber", "cauchy"))
+    c.add_argument("--level", default="robust", choices=("robust", "mean"),
+                   help="mean: scale the robust fit's step times so the samples' total time "
+                   "matches (a noisy engine's latency includes its slow steps)")
     c.add_argument("--k", type=int, default=5, help="folds of the held-out error")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", default=None, help="profile YAML to write (required to fit); "
@@ -89,16 +92,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.from_aiconfigurator:
         frames.append(_aic_samples(args, model, gpu))
     df = pd.concat(frames, ignore_index=True)
-    result = fit(df, model, gpu, args.tp, args.dtype, loss=args.loss)
+    result = fit(df, model, gpu, args.tp, args.dtype, loss=args.loss, level=args.level)
     folds = kfold(df, model, gpu, args.tp, args.dtype, loss=args.loss, k=args.k,
-                  seed=args.seed)
+                  seed=args.seed, level=args.level)
     first = df.iloc[0]
     doc = profile_doc(result, gpu=str(first["gpu"]) or gpu.name, engine=str(first["engine"]),
                       engine_version=str(first["engine_version"]), model=model.name,
                       dtype=args.dtype, tp=args.tp, sources=aic.sources(df), kfold=folds)
+    if args.level == "mean":
+        doc["provenance"]["level"] = "mean"
+        doc["provenance"]["level_factor"] = result.level_factor
     path = write_profile(args.out, doc)
     print(f"servetwin calibrate: {model.name} on {gpu.name} TP {args.tp} {args.dtype}: "
-          f"{len(df)} samples, loss {args.loss}")
+          f"{len(df)} samples, loss {args.loss}"
+          + (f", level mean (x {result.level_factor:.3f})" if args.level == "mean" else ""))
     print(f"  {args.k}-fold held-out error |predicted / measured - 1|:")
     print(f"  {'regime':<8} {'samples':>7} {'median':>8} {'mean':>8} {'p90':>8}")
     for g, s in folds.by_regime.items():

@@ -326,8 +326,10 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
     sc = entry.loaded.scenario
     resolved = resolve(entry.loaded)
     tp = int(getattr(sc.engine, "tensor_parallel_size", 1) or 1)
-    result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype)
-    folds = kfold(df, resolved.model, resolved.gpu, tp, sc.dtype, k=5, seed=0)
+    # the mean level: a served request's latency sums its steps, slow ones included
+    # (calibrate.fit.fit; the engine on a 2-core host has a tail of slow steps)
+    result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype, level="mean")
+    folds = kfold(df, resolved.model, resolved.gpu, tp, sc.dtype, k=5, seed=0, level="mean")
     if gap is not None and gap > 0:
         # the fit sees each step's logged (model) time; a served step also spends the host
         # time between the lines, measured on the same engine during the same profiling
@@ -350,6 +352,11 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
             "host time per step outside vLLM's logged elapsed time (phase wall time minus "
             "the steps' elapsed, median over phases of >= 50 steps), added to "
             "step_overhead_s" if gap > 0 else "measured <= 0: not added")
+    doc["provenance"]["level"] = "mean"
+    doc["provenance"]["level_factor"] = result.level_factor
+    doc["provenance"]["level_note"] = (
+        "the robust fit's step times scaled by level_factor = the profiled steps' measured "
+        "total over their predicted total (calibrate.fit, level='mean')")
     if frontend is not None:
         doc["provenance"]["frontend_bursts"] = {name: float(x) for name, x in bursts}
         doc["provenance"]["frontend_note"] = (
