@@ -34,6 +34,7 @@ the load generator and profiling driver run on core 1 (``--loadgen-cpus 1``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -147,14 +148,18 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
             "median_error_before": drift["before_in_sample"]["all"],
             "by_regime_after": {g: r["median_error"] for g, r in drift["regimes"].items()},
             "by_regime_before": drift["before_in_sample"], "verdict": drift["verdict"]}}
-        # the profile the prediction used, without the API server's time per request
+        # the profile the prediction used, without the API server's time per request, and
+        # at the robust fit's level instead of the mean (calibrate.fit, level)
         plain = cal / "after" / "profile.no-frontend.yaml"
         doc = yaml.safe_load((cal / "profile.yaml").read_text(encoding="utf-8"))
         row["frontend_s"] = float(doc["timing"]["profile"].get("frontend_s", 0.0))
+        row["level_factor"] = float(doc["provenance"].get("level_factor", 1.0))
         doc["timing"]["profile"]["frontend_s"] = 0.0
         plain.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        robust = cal / "after" / "profile.robust-level.yaml"
+        _write_robust_level(cal / "profile.yaml", robust, row["level_factor"])
         for name, prof in (("after", cal / "after" / "profile.yaml"), ("pooled", pooled),
-                           ("no_frontend", plain)):
+                           ("no_frontend", plain), ("robust_level", robust)):
             res, _ = predict(entries[cid], blocks, prof)
             row[f"errors_with_{name}_profile"] = {
                 f"{m}.{s}": res.summary[m][s] / c["measured_summary"][m][s] - 1
@@ -170,7 +175,29 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
     for cid, row in out.items():
         print(f"{cid:<18}{1e3 * row['frontend_s']:5.2f} ms  " + " ".join(
             f"{100 * v:+.1f}%" for v in row["errors_with_no_frontend_profile"].values()))
+    print("\nconfig            mean level; errors predicted at the robust fit's level")
+    for cid, row in out.items():
+        print(f"{cid:<18}x {row['level_factor']:.3f}  " + " ".join(
+            f"{100 * v:+.1f}%" for v in row["errors_with_robust_level_profile"].values()))
     return out
+
+
+def _write_robust_level(profile_yaml: Path, out: Path, factor: float) -> None:
+    """The profile with its mean level taken off: every step time divided by the factor
+    (the host time between steps, added after the fit, stays)."""
+    from calibrate.fit import mean_level
+    from calibrate.profile import load_profile
+    from sim.catalog import load_gpu
+
+    profile, meta = load_profile(profile_yaml)
+    gap = float((meta.get("provenance") or {}).get("host_step_gap_s") or 0.0)
+    gpu = load_gpu(str(meta["provenance"]["gpu"]))
+    fitted = dataclasses.replace(profile, step_overhead_s=profile.step_overhead_s - max(gap, 0))
+    plain = mean_level(fitted, 1 / factor, gpu.efficiency_ceiling)
+    doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
+    doc["timing"]["profile"] = dataclasses.replace(
+        plain, step_overhead_s=plain.step_overhead_s + max(gap, 0)).to_dict()
+    out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
 
 
 def _bursts(profile_yaml: Path) -> list[tuple[str, float]]:

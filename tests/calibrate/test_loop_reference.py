@@ -133,3 +133,32 @@ def test_committed_loop_without_the_api_servers_time(tmp_path: Path) -> None:
         for key, value in row["errors_with_no_frontend_profile"].items():
             m, s = key.split(".")
             assert ps[m][s] / c["measured_summary"][m][s] - 1 == pytest.approx(value, abs=1e-6)
+
+
+def test_committed_loop_at_the_robust_level(tmp_path: Path) -> None:
+    """recheck.json's other what-if: each config predicted with its profile's mean level
+    taken off (every step time divided by provenance.level_factor), computed again."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("loop_run", LOOP / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    comp = json.loads((LOOP / "verify" / "comparison.json").read_text(encoding="utf-8"))
+    recheck = json.loads((LOOP / "recheck.json").read_text(encoding="utf-8"))
+    entries = {e.config_id: e for e in load_configs(TINY)}
+    for c in comp["configs"]:
+        cid = c["config_id"]
+        cdir = LOOP / "verify" / cid
+        row = recheck[cid]
+        # the mean level sits above the robust fit's: the profiled steps' slow tail
+        assert 1.0 < row["level_factor"] < 1.1
+        robust = tmp_path / f"{cid}.yaml"
+        run._write_robust_level(cdir / "calibration" / "profile.yaml", robust,
+                                row["level_factor"])
+        state = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
+        result, _ = predict(entries[cid], int(state["engine_info"]["num_gpu_blocks"]), robust)
+        ps = summarize(result.records)
+        for key, value in row["errors_with_robust_level_profile"].items():
+            m, s = key.split(".")
+            assert ps[m][s] / c["measured_summary"][m][s] - 1 == pytest.approx(value, abs=1e-6)
