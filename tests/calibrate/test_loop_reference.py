@@ -7,6 +7,7 @@ asserted on a live run: tests/verify/test_real_engines.py."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,60 +106,62 @@ def test_committed_served_steps_are_the_drift_of_the_replays_own_steps() -> None
             assert got[g] == pytest.approx(values, abs=1e-9), (cid, g)
 
 
-def test_committed_loop_without_the_api_servers_time(tmp_path: Path) -> None:
-    """recheck.json's what-if: each config predicted with the profile it was predicted with
-    but no API-server time per request (frontend_s = 0, as every profile had before it was
-    measured), computed again."""
-    import yaml
-
+def _what_if(name: str, profile_for: Callable[[str, Path, dict], Path]) -> None:
+    """recheck.json's ``errors_with_{name}_profile``: each committed config predicted with
+    the profile ``profile_for(config id, its folder, its recheck row)`` returns, against its
+    measured replay, computed again."""
     comp = json.loads((LOOP / "verify" / "comparison.json").read_text(encoding="utf-8"))
     recheck = json.loads((LOOP / "recheck.json").read_text(encoding="utf-8"))
     entries = {e.config_id: e for e in load_configs(TINY)}
     for c in comp["configs"]:
         cid = c["config_id"]
         cdir = LOOP / "verify" / cid
-        doc = yaml.safe_load((cdir / "calibration" / "profile.yaml").read_text(encoding="utf-8"))
         row = recheck[cid]
+        profile = profile_for(cid, cdir, row)
+        state = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
+        result, _ = predict(entries[cid], int(state["engine_info"]["num_gpu_blocks"]), profile)
+        ps = summarize(result.records)
+        for key, value in row[f"errors_with_{name}_profile"].items():
+            m, s = key.split(".")
+            assert ps[m][s] / c["measured_summary"][m][s] - 1 == pytest.approx(value, abs=1e-6)
+
+
+def test_committed_loop_without_the_api_servers_time(tmp_path: Path) -> None:
+    """Each config predicted with the profile it was predicted with but no API-server time
+    per request (frontend_s = 0, as every profile had before it was measured)."""
+    import yaml
+
+    def plain(cid: str, cdir: Path, row: dict) -> Path:
+        doc = yaml.safe_load((cdir / "calibration" / "profile.yaml").read_text(encoding="utf-8"))
         # the profile's API-server time is the median of its bursts' (none: not measured)
         bursts = list((doc["provenance"].get("frontend_bursts") or {}).values())
         fe = doc["timing"]["profile"]["frontend_s"]
         assert row["frontend_s"] == fe == (pytest.approx(float(np.median(bursts)))
                                            if bursts else 0.0)
         doc["timing"]["profile"]["frontend_s"] = 0.0
-        plain = tmp_path / f"{cid}.yaml"
-        plain.write_text(yaml.safe_dump(doc), encoding="utf-8")
-        state = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
-        result, _ = predict(entries[cid], int(state["engine_info"]["num_gpu_blocks"]), plain)
-        ps = summarize(result.records)
-        for key, value in row["errors_with_no_frontend_profile"].items():
-            m, s = key.split(".")
-            assert ps[m][s] / c["measured_summary"][m][s] - 1 == pytest.approx(value, abs=1e-6)
+        path = tmp_path / f"{cid}.yaml"
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return path
+
+    _what_if("no_frontend", plain)
 
 
 def test_committed_loop_at_the_robust_level(tmp_path: Path) -> None:
-    """recheck.json's other what-if: each config predicted with its profile's mean level
-    taken off (every step time divided by provenance.level_factor), computed again."""
+    """Each config predicted with its profile's mean level taken off (every step time
+    divided by provenance.level_factor)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("loop_run", LOOP / "run.py")
     assert spec is not None and spec.loader is not None
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
-    comp = json.loads((LOOP / "verify" / "comparison.json").read_text(encoding="utf-8"))
-    recheck = json.loads((LOOP / "recheck.json").read_text(encoding="utf-8"))
-    entries = {e.config_id: e for e in load_configs(TINY)}
-    for c in comp["configs"]:
-        cid = c["config_id"]
-        cdir = LOOP / "verify" / cid
-        row = recheck[cid]
+
+    def robust(cid: str, cdir: Path, row: dict) -> Path:
         # the mean level sits above the robust fit's: the profiled steps' slow tail
         assert 1.0 < row["level_factor"] < 1.1
-        robust = tmp_path / f"{cid}.yaml"
-        run._write_robust_level(cdir / "calibration" / "profile.yaml", robust,
+        path = tmp_path / f"{cid}.yaml"
+        run._write_robust_level(cdir / "calibration" / "profile.yaml", path,
                                 row["level_factor"])
-        state = json.loads((cdir / "done.json").read_text(encoding="utf-8"))
-        result, _ = predict(entries[cid], int(state["engine_info"]["num_gpu_blocks"]), robust)
-        ps = summarize(result.records)
-        for key, value in row["errors_with_robust_level_profile"].items():
-            m, s = key.split(".")
-            assert ps[m][s] / c["measured_summary"][m][s] - 1 == pytest.approx(value, abs=1e-6)
+        return path
+
+    _what_if("robust_level", robust)
