@@ -201,24 +201,56 @@ def _regime(g: str, r: np.ndarray, q: tuple[float, float] | None,
     return RegimeDrift(g, n, err, p10, p90, ape, old_ape, (lo, hi), outside, moved, verdict)
 
 
+def host_time(meta: Mapping[str, Any], where: str = "profile"
+              ) -> tuple[float, float, float] | None:
+    """The host time between vLLM's step lines that a profile fitted in place by `servetwin
+    verify --calibrate-first` added to its coefficients, as (per step, per sequence, per
+    decode-context token) seconds: provenance.host_step_gap_model where the profiling
+    measured one (calibrate.profiling.host_gap_model), else the constant
+    provenance.host_step_gap_s; None where it added none."""
+    prov = meta.get("provenance") or {}
+    if not isinstance(prov, Mapping):
+        return None
+    model = prov.get("host_step_gap_model")
+    if isinstance(model, Mapping):
+        parts = tuple(_number(model.get(k), f"{where}: provenance.host_step_gap_model.{k}")
+                      for k in ("step_s", "per_seq_s", "per_context_token_s"))
+        return (parts[0], parts[1], parts[2]) if any(parts) else None
+    raw = prov.get("host_step_gap_s")
+    if raw is None:
+        return None
+    gap = _number(raw, f"{where}: provenance.host_step_gap_s")
+    return (gap, 0.0, 0.0) if gap > 0 else None
+
+
+def with_host_time(profile: TimingProfile, parts: tuple[float, float, float],
+                   sign: float = 1.0) -> TimingProfile:
+    """``profile`` with host time ``parts`` (host_time's) added (sign 1) or taken off
+    (sign -1; never below 0)."""
+    step, seq, ctx = (sign * x for x in parts)
+    return replace(profile, step_overhead_s=max(profile.step_overhead_s + step, 0.0),
+                   per_seq_overhead_s=max(profile.per_seq_overhead_s + seq, 0.0),
+                   per_context_token_s=max(profile.per_context_token_s + ctx, 0.0))
+
+
 def logged_time_profile(profile: TimingProfile, meta: Mapping[str, Any],
                         where: str = "profile") -> tuple[TimingProfile, str | None]:
     """The profile as the fit saw the step times: a profile fitted in place by `servetwin
-    verify --calibrate-first` adds the host time between vLLM's step lines to its per-step
-    overhead (provenance.host_step_gap_s), and a step line's elapsed time does not contain
-    it. Comparing new step lines against the served-step profile would read that gap as
+    verify --calibrate-first` adds the host time between vLLM's step lines to its
+    coefficients (host_time), and a step line's elapsed time does not contain it.
+    Comparing new step lines against the served-step profile would read that host time as
     drift, so it comes off again; (profile, a note saying so) or (profile, None)."""
-    prov = meta.get("provenance") or {}
-    raw = prov.get("host_step_gap_s") if isinstance(prov, Mapping) else None
-    if raw is None:
+    parts = host_time(meta, where)
+    if parts is None:
         return profile, None
-    gap = _number(raw, f"{where}: provenance.host_step_gap_s")
-    if gap <= 0:
-        return profile, None
-    base = max(profile.step_overhead_s - gap, 0.0)
-    return replace(profile, step_overhead_s=base), (
-        f"{where} adds {1e3 * gap:.2f} ms a step of host time between step lines "
-        "(provenance.host_step_gap_s); compared without it, as step lines are logged")
+    step, seq, ctx = parts
+    what, source = f"{1e3 * step:.2f} ms a step", "provenance.host_step_gap_s"
+    if seq or ctx:
+        what += f" + {1e6 * seq:.1f} us a sequence + {1e9 * ctx:.1f} us per 1,000 context tokens"
+        source = "provenance.host_step_gap_model"
+    return with_host_time(profile, parts, -1.0), (
+        f"{where} adds {what} of host time between step lines ({source}); compared without "
+        "it, as step lines are logged")
 
 
 def _old_apes(meta: Mapping[str, Any]) -> dict[str, float]:

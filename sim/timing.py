@@ -169,7 +169,10 @@ class RooflineTiming:
         dec_token_s = max(kv_layer_s, dec_flop_s)
         self._prefill_full_s_per_pair = m.num_full_attention_layers * pf_pair_s
         self._prefill_sliding_s_per_pair = m.num_sliding_layers * pf_pair_s
-        self._decode_full_s_per_token = m.num_full_attention_layers * dec_token_s
+        # the host's time per context token (per_context_token_s) rides with the kernels'
+        self._decode_full_s_per_token = (
+            m.num_full_attention_layers * dec_token_s + p.per_context_token_s
+        )
         self._decode_sliding_s_per_token = m.num_sliding_layers * dec_token_s
         self._window = m.sliding_window if m.num_sliding_layers else 0
 
@@ -293,8 +296,11 @@ class RooflineTiming:
                 a * self._prefill_full_s_per_pair + min(a, w_p) * self._prefill_sliding_s_per_pair
             ),
             "decode_attn": (
-                c * self._decode_full_s_per_token + min(c, w_d) * self._decode_sliding_s_per_token
+                c * (self._decode_full_s_per_token - self.profile.per_context_token_s)
+                + min(c, w_d) * self._decode_sliding_s_per_token
             ),
             "allreduce": t_rows * self._comm_s_per_token + self._comm_latency_s,
-            "overhead": self._step_overhead_s + self._per_seq_overhead_s * (d + n_p),
+            "overhead": self._step_overhead_s
+            + self._per_seq_overhead_s * (d + n_p)
+            + c * self.profile.per_context_token_s,
         }

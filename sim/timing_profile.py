@@ -22,7 +22,13 @@ _EFFICIENCIES = (
     "attn_decode_eff",
     "comm_eff",
 )
-_SECONDS = ("step_overhead_s", "per_seq_overhead_s", "allreduce_latency_s", "frontend_s")
+_SECONDS = (
+    "step_overhead_s",
+    "per_seq_overhead_s",
+    "per_context_token_s",
+    "allreduce_latency_s",
+    "frontend_s",
+)
 # an efficiency is a fraction of the device's peak, so at most 1, except on a device whose
 # catalog rates are nominal (GpuSpec.efficiency_ceiling, at most this); the timing model
 # checks a profile against its device's own ceiling (check_efficiencies)
@@ -56,6 +62,11 @@ class TimingProfile:
     # batch 8–128); V1's persistent batch and overlapped scheduling cut most of that.
     step_overhead_s: float = 5e-4
     per_seq_overhead_s: float = 1e-5
+    # Host time per decode-context token per step, beside the kernels' (attention reads the
+    # KV cache at attn_decode_eff): work between the steps that grows with the sequences'
+    # lengths. Measured by calibrate.profiling on an engine whose step log leaves it out
+    # (calibrate.profiling.host_gap_model); 0 where unmeasured (the op-table profiles).
+    per_context_token_s: float = 0.0
     # The API server's time per request before the engine sees it, requests taken in one
     # at a time (sim/cluster.py Worker.submit): a burst reaches an idle engine staggered, so
     # its first request runs a step alone. Measured by calibrate.profiling (bursts sent

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -46,6 +46,9 @@ from sim.simulate import SimResult, resolve, simulate
 from .deploy import DeployError, Deployment, teardown_on_signals
 from .engines import EngineInstall, LaunchSpec, check_engine_fits, render
 from .scrape import ScrapeError, Scraper, Snapshot, counter_deltas, engine_info, snapshot
+
+if TYPE_CHECKING:
+    from calibrate.profiling import HostGap
 
 Say = Callable[[str], None]
 
@@ -300,7 +303,7 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
     path, med, n = fit_in_place(entry, [out / "steps.csv"], res.step_gap_s,
                                 out / "profile.yaml", "profiled in place before the replay",
                                 client_gaps=(res.client_gap_s, res.client_gap_by_batch),
-                                bursts=res.bursts)
+                                bursts=res.bursts, host=res.host_gap)
     say(f"  [{entry.config_id}] fitted {path} ({n} steps, held-out median error "
         f"{100 * med:.1f} %)")
     notes.append(f"predicted with the timing profile fitted on this deployment right before "
@@ -311,11 +314,13 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
 
 def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, path: Path,
                  how: str, client_gaps: tuple[float | None, dict[int, float]] | None = None,
-                 bursts: Sequence[tuple[str, float]] = ()) -> tuple[Path, float, int]:
+                 bursts: Sequence[tuple[str, float]] = (),
+                 host: HostGap | None = None) -> tuple[Path, float, int]:
     """Fit the timing profile of this config's model, GPU, TP and dtype from the step rows
     in ``steps`` (calibrate.profiling's CSVs) and write it to ``path``, the host time
-    between step lines (``gap``) added to its per-step overhead; (path, held-out median
-    error, rows)."""
+    between step lines added: as ``host`` models it (calibrate.profiling.host_gap_model:
+    per step, per sequence and per context token) where given, else ``gap`` a step;
+    (path, held-out median error, rows)."""
     import pandas as pd
 
     from calibrate import measurements
@@ -330,9 +335,15 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
     # (calibrate.fit.fit; the engine on a 2-core host has a tail of slow steps)
     result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype, level="mean")
     folds = kfold(df, resolved.model, resolved.gpu, tp, sc.dtype, k=5, seed=0, level="mean")
-    if gap is not None and gap > 0:
-        # the fit sees each step's logged (model) time; a served step also spends the host
-        # time between the lines, measured on the same engine during the same profiling
+    # the fit sees each step's logged (model) time; a served step also spends the host
+    # time between the lines, measured on the same engine during the same profiling
+    if host is not None:
+        p = result.profile
+        result = dataclasses.replace(result, profile=dataclasses.replace(
+            p, step_overhead_s=p.step_overhead_s + host.step_s,
+            per_seq_overhead_s=p.per_seq_overhead_s + host.per_seq_s,
+            per_context_token_s=p.per_context_token_s + host.per_context_token_s))
+    elif gap is not None and gap > 0:
         result = dataclasses.replace(result, profile=dataclasses.replace(
             result.profile, step_overhead_s=result.profile.step_overhead_s + gap))
     frontend = float(np.median([x for _, x in bursts])) if bursts else None
@@ -346,7 +357,17 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
                       engine_version=str(first["engine_version"]), model=resolved.model.name,
                       dtype=sc.dtype, tp=tp, sources=[f"{p} ({how})" for p in steps],
                       kfold=folds)
-    if gap is not None:
+    if host is not None:
+        doc["provenance"]["host_step_gap_model"] = host.to_dict()
+        doc["provenance"]["host_step_gap_note"] = (
+            "host time between steps outside vLLM's logged elapsed time, as step_s + "
+            "per_seq_s x sequences + per_context_token_s x decode-context tokens (least "
+            "squares over the profiling phases' wall time less their steps' elapsed, "
+            "calibrate.profiling.host_gap_model), added to step_overhead_s, "
+            "per_seq_overhead_s and per_context_token_s")
+        if gap is not None:
+            doc["provenance"]["host_step_gap_median_s"] = gap  # a record; not added
+    elif gap is not None:
         doc["provenance"]["host_step_gap_s"] = gap
         doc["provenance"]["host_step_gap_note"] = (
             "host time per step outside vLLM's logged elapsed time (phase wall time minus "
@@ -380,7 +401,7 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     from the timing model, these say by how much on the steps the replay actually ran.
     Writes calibration/served/{steps.csv, drift.txt, drift.json}."""
     from calibrate import measurements
-    from calibrate.drift import drift
+    from calibrate.drift import drift, host_time
     from calibrate.profile import load_profile
     from calibrate.profiling import Sent, served_steps
 
@@ -403,14 +424,23 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     if res.num_rows and res.num_rows == res.num_steps and replay:
         import pandas as pd
 
-        logged = pd.read_csv(out / "steps.csv")["measured_s"].to_numpy()
+        rows = pd.read_csv(out / "steps.csv")
+        logged = rows["measured_s"].to_numpy()
         warm = sum(1 for r in recs if r["request_id"] < 0)
         # the warm-up's steps come first; the rest are the replay's
-        first_replay = _first_replay_step(sent[:warm], pd.read_csv(out / "steps.csv"))
+        first_replay = _first_replay_step(sent[:warm], rows)
         busy = _busy_wall_s(replay)
         steps = logged[first_replay:]
         summary["host_gap_s"] = (busy - float(steps.sum())) / max(len(steps), 1)
         summary["busy_wall_s"] = busy
+        parts = host_time(load_profile(profile_path)[1], str(profile_path))
+        if parts is not None:
+            # what the profile adds for host time, on the replay's own steps (its mean)
+            mine = rows.iloc[first_replay:]
+            seqs = (mine["num_prefill_seqs"] + mine["num_decode_seqs"]).to_numpy(float)
+            ctx = mine["decode_context_tokens"].to_numpy(float)
+            summary["host_gap_profiled_s"] = float(np.mean(
+                parts[0] + parts[1] * seqs + parts[2] * ctx)) if len(mine) else parts[0]
         summary.update(_client_gaps(res.emitted, [r.get("event_times_s") or []
                                                   for r in joinable],
                                     pd.read_csv(out / "steps.csv"), first_replay))
@@ -440,13 +470,12 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
                          f"{100 * (r.median_error or 0):+.1f} %  p10 "
                          f"{100 * (r.p10_error or 0):+.1f} %  p90 "
                          f"{100 * (r.p90_error or 0):+.1f} %")
-    prov_gap = (meta.get("provenance") or {}).get("host_step_gap_s")
+    prov_gap = summary.get("host_gap_profiled_s")
     if "host_gap_s" in summary:
-        summary["host_gap_profiled_s"] = prov_gap
         lines.append(f"  host time between steps during the replay: "
                      f"{1e3 * summary['host_gap_s']:.2f} ms a step at most (wall time with a "
                      f"request in flight, {summary['busy_wall_s']:.1f} s, less the replay's "
-                     f"logged step times); profiled: "
+                     f"logged step times); the profile's on the same steps: "
                      + ("-" if prov_gap is None else f"{1e3 * float(prov_gap):.2f} ms"))
     for g, values in trend.items():
         lines.append(f"  {g:8s} median error by sixth of the replay: " + " ".join(
@@ -595,7 +624,7 @@ def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, pro
     (out / "drift.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     # the engine's profile as it stood after the replay, for what-if predictions
     fit_in_place(entry, [out / "steps.csv"], res.step_gap_s, out / "profile.yaml",
-                 "profiled in place after the replay", bursts=res.bursts)
+                 "profiled in place after the replay", bursts=res.bursts, host=res.host_gap)
     every = result.by_regime()["all"]
     summary = {"verdict": result.verdict, "median_error": every.median_error,
                "median_error_before": before["all"].median_error,

@@ -34,7 +34,6 @@ the load generator and profiling driver run on core 1 (``--loadgen-cpus 1``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -122,6 +121,7 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
     errors had the config been predicted with the profile measured after the replay, or
     fitted on both profiling runs. Only the first is a prediction made before the replay;
     the other two say how much of its error the engine's own drift accounts for."""
+    from calibrate.profiling import host_gap_model
     from verify.run import fit_in_place, load_configs, predict
 
     entries = {e.config_id: e for e in load_configs(
@@ -141,7 +141,9 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
                      sum(pooled_gap) / len(pooled_gap) if pooled_gap else None, pooled,
                      "both profiling runs of this deployment, before and after its replay",
                      bursts=_bursts(cal / "profile.yaml") + _bursts(cal / "after" /
-                                                                    "profile.yaml"))
+                                                                    "profile.yaml"),
+                     host=host_gap_model(_phases(cal / "steps.phases.csv")
+                                         + _phases(cal / "after" / "steps.phases.csv")))
         blocks = int(done["engine_info"]["num_gpu_blocks"])
         row: dict = {"engine_drift": {
             "median_error_after": drift["regimes"]["all"]["median_error"],
@@ -185,19 +187,29 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
 def _write_robust_level(profile_yaml: Path, out: Path, factor: float) -> None:
     """The profile with its mean level taken off: every step time divided by the factor
     (the host time between steps, added after the fit, stays)."""
+    from calibrate.drift import host_time, logged_time_profile, with_host_time
     from calibrate.fit import mean_level
     from calibrate.profile import load_profile
     from sim.catalog import load_gpu
 
     profile, meta = load_profile(profile_yaml)
-    gap = float((meta.get("provenance") or {}).get("host_step_gap_s") or 0.0)
     gpu = load_gpu(str(meta["provenance"]["gpu"]))
-    fitted = dataclasses.replace(profile, step_overhead_s=profile.step_overhead_s - max(gap, 0))
+    fitted, _ = logged_time_profile(profile, meta)
     plain = mean_level(fitted, 1 / factor, gpu.efficiency_ceiling)
+    parts = host_time(meta)
     doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
-    doc["timing"]["profile"] = dataclasses.replace(
-        plain, step_overhead_s=plain.step_overhead_s + max(gap, 0)).to_dict()
+    doc["timing"]["profile"] = (with_host_time(plain, parts) if parts else plain).to_dict()
     out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def _phases(csv: Path) -> list[dict]:
+    """A profiling run's phases (calibrate.profiling's steps.phases.csv), as its
+    ProfilingResult.phases; none where the file is missing."""
+    import pandas as pd
+
+    if not csv.is_file():
+        return []
+    return [dict(r) for r in pd.read_csv(csv).to_dict("records")]
 
 
 def _bursts(profile_yaml: Path) -> list[tuple[str, float]]:
@@ -208,8 +220,10 @@ def _bursts(profile_yaml: Path) -> list[tuple[str, float]]:
 
 
 def _gap(profile_yaml: Path) -> float | None:
-    doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
-    g = (doc.get("provenance") or {}).get("host_step_gap_s")
+    """The median host time between steps its profiling measured (a constant: the gap the
+    profile added before host_gap_model, a record beside it since)."""
+    prov = yaml.safe_load(profile_yaml.read_text(encoding="utf-8")).get("provenance") or {}
+    g = prov.get("host_step_gap_median_s", prov.get("host_step_gap_s"))
     return float(g) if g is not None else None
 
 

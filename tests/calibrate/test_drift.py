@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from calibrate import aiconfigurator as aic
-from calibrate.drift import check_samples, drift, stored_intervals
+from calibrate.drift import check_samples, drift, host_time, stored_intervals, with_host_time
 from calibrate.measurements import write
 from calibrate.profile import load_profile
 from servetwin.cli import main
@@ -256,3 +256,33 @@ def test_real_tables_negative_control(tmp_path: Path) -> None:
     assert not doc["moved"]
     assert [g for g, r in doc["regimes"].items() if r["num_samples"]] == [
         "prefill", "decode", "all"]
+
+
+def test_host_time_model_of_an_in_place_profile_is_not_read_as_drift() -> None:
+    # since the profiling measures the host time by the step (calibrate.profiling.
+    # host_gap_model), verify adds it per step, per sequence and per context token
+    parts = (6e-4, 4e-5, 1.2e-7)
+    served = with_host_time(OLD, parts)
+    assert served.per_context_token_s == pytest.approx(1.2e-7)
+    meta = make_meta()
+    meta["provenance"]["host_step_gap_model"] = {
+        "step_s": parts[0], "per_seq_s": parts[1], "per_context_token_s": parts[2],
+        "num_phases": 23, "rms_s": 2e-4}
+    meta["provenance"]["host_step_gap_median_s"] = 9e-4  # a record: not what was added
+    assert host_time(meta) == parts
+    result = drift(make_samples(OLD), served, meta, MODEL, GPU, 1)
+    for r in result.regimes:
+        assert r.median_error == pytest.approx(0, abs=1e-12)
+    assert any("0.60 ms a step + 40.0 us a sequence + 120.0 us per 1,000 context tokens"
+               in n for n in result.notes)
+    # the control: taking off only the median constant leaves the per-sequence and
+    # per-token parts in, read as slower predicted steps
+    meta_const = make_meta()
+    meta_const["provenance"]["host_step_gap_s"] = parts[0]
+    plain = drift(make_samples(OLD), served, meta_const, MODEL, GPU, 1)
+    assert plain.by_regime()["decode"].median_error < -0.01
+    bad = make_meta()
+    bad["provenance"]["host_step_gap_model"] = {"step_s": "x", "per_seq_s": 0,
+                                                "per_context_token_s": 0}
+    with pytest.raises(InputError, match=r"host_step_gap_model\.step_s"):
+        host_time(bad, "p.yaml")

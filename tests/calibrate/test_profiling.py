@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,6 +22,7 @@ from calibrate.profiling import (
     decode_gaps,
     default_plan,
     gap_summary,
+    host_gap_model,
     join_phase,
     profile_engine,
     serialized_phase,
@@ -302,6 +304,44 @@ def test_step_gap_is_the_median_over_long_phases_only() -> None:
     short = ProfilingResult(Path("s.csv"), Path("l.log"), 0, 0, 0, {}, [], {}, 0.0, None,
                             [phase(2, 9.0)])
     assert short.step_gap_s is None and "between steps" not in short.format()
+
+
+def test_host_gap_model_recovers_time_per_step_sequence_and_context_token() -> None:
+    """Phases whose gaps follow a known law come back as that law; a phase too short, or
+    whose steps were not all joined (no composition), is left out."""
+    law = (6e-4, 4e-5, 1.5e-7)  # s a step, a sequence, a context token
+
+    def phase(steps: int, batch: int, context: int, noise: float = 0.0) -> dict:
+        seqs, ctx = steps * batch, steps * batch * context
+        gap = (law[0] * steps + law[1] * seqs + law[2] * ctx) / steps + noise
+        return {"name": f"decode-x{batch}-ctx{context}", "num_steps": steps, "gap_s": gap,
+                "span_s": 0.0, "busy_s": 0.0, "seqs": seqs, "context_tokens": ctx}
+
+    phases = [phase(96, b, c) for b, c in ((1, 64), (2, 64), (4, 100), (8, 80), (32, 90),
+                                           (1, 2048), (2, 1024), (4, 2048), (8, 512))]
+    host = host_gap_model(phases)
+    assert host is not None and host.num_phases == 9 and host.rms_s < 1e-9
+    assert (host.step_s, host.per_seq_s, host.per_context_token_s) == pytest.approx(law)
+    assert host.at(8, 8 * 512) == pytest.approx(law[0] + 8 * law[1] + 8 * 512 * law[2])
+    # a 2-step phase's gap (its requests' own costs) and a phase without its composition
+    # (read back from steps.phases.csv: NaN) change nothing
+    odd = [*phases, phase(2, 1, 16, noise=9e-3),
+           {**phase(96, 4, 64, noise=5e-3), "seqs": float("nan")}]
+    again = host_gap_model(odd)
+    assert again is not None and again.num_phases == 9
+    assert again.per_context_token_s == pytest.approx(law[2])
+    # noisy phases: the law within the noise, every coefficient >= 0
+    rng = np.random.default_rng(0)
+    noisy = host_gap_model([phase(96, b, c, noise=float(rng.normal(0, 5e-5)))
+                            for b, c in ((1, 64), (2, 64), (4, 100), (8, 80), (32, 90),
+                                         (1, 2048), (2, 1024), (4, 2048), (8, 512))])
+    assert noisy is not None and min(noisy.step_s, noisy.per_seq_s,
+                                     noisy.per_context_token_s) >= 0
+    assert noisy.at(8, 4000) == pytest.approx(law[0] + 8 * law[1] + 4000 * law[2], rel=0.1)
+    assert host_gap_model(phases[:3]) is None  # too few phases to say
+    res = ProfilingResult(Path("s.csv"), Path("l.log"), 0, 0, 0, {}, [], {}, 0.0, None, phases)
+    assert res.host_gap == host
+    assert "0.60 ms + 40.0 us a sequence + 150.0 us per 1,000 context tokens" in res.format()
 
 
 def test_default_plan_decodes_over_long_contexts_and_fits_a_model_length() -> None:

@@ -302,3 +302,24 @@ def test_bench_step_time() -> None:
             f"{model}: step_time {per_call * 1e6:.2f} µs/call, "
             f"decode_run_times {per_step * 1e9:.1f} ns/step ({per_call / per_step:.0f}x)"
         )
+
+
+def test_host_time_per_context_token_rides_with_decode_attention() -> None:
+    """per_context_token_s adds its time per decode-context token to every step, in the
+    single-step path and the fast-forward one alike; breakdown books it as overhead."""
+    base = make_timing()
+    host = 2e-7
+    t = make_timing(per_context_token_s=host)
+    for d, c in ((1, 100), (8, 4000), (32, 65_536)):
+        assert t.step_time(0, 0.0, 0, d, c) - base.step_time(0, 0.0, 0, d, c) == \
+            pytest.approx(c * host, rel=1e-9)
+        run = t.decode_run_times(d, c, 5) - base.decode_run_times(d, c, 5)
+        assert run == pytest.approx(host * (c + d * np.arange(5)), rel=1e-9)
+        terms = t.breakdown(64, 2080.0, 1, d, c)
+        assert sum(terms.values()) == pytest.approx(t.step_time(64, 2080.0, 1, d, c))
+        plain = base.breakdown(64, 2080.0, 1, d, c)
+        assert terms["decode_attn"] == pytest.approx(plain["decode_attn"])
+        assert terms["overhead"] - plain["overhead"] == pytest.approx(c * host)
+    assert TimingProfile.from_dict({"per_context_token_s": 1e-7}).per_context_token_s == 1e-7
+    with pytest.raises(CatalogError, match="per_context_token_s"):
+        TimingProfile.from_dict({"per_context_token_s": -1e-7})

@@ -151,7 +151,14 @@ def test_verify_calibrating_each_engine_first(calibrated_loop: tuple[Path, dict,
     assert " 0 dropped" in text, text
     doc = yaml.safe_load((cal / "profile.yaml").read_text())
     assert doc["provenance"]["engine_version"] == "0.32.0"
-    assert 0 < doc["provenance"]["host_step_gap_s"] < 0.02
+    # the host time between steps, by the step's sequences and their context
+    # (calibrate.profiling.host_gap_model), added to the profile the twin predicted with
+    host = doc["provenance"]["host_step_gap_model"]
+    assert host["num_phases"] >= 15 and 0 < host["step_s"] < 0.02, host
+    prof = doc["timing"]["profile"]
+    assert prof["per_context_token_s"] == pytest.approx(host["per_context_token_s"])
+    assert prof["per_seq_overhead_s"] >= host["per_seq_s"]
+    assert 0 < doc["provenance"]["host_step_gap_median_s"] < 0.02
     # the profile the twin predicted with carries how far apart the API server handed the
     # bursts' requests to the engine: their median, or 0 where every burst was taken in
     # one request at a time (no spacing to measure)

@@ -165,3 +165,43 @@ def test_busy_wall_time_is_the_union_of_request_spans() -> None:
     steps = pd.DataFrame({"num_prefill_tokens": [8, 0, 0, 16, 0],
                           "num_decode_seqs": [0, 2, 2, 0, 1]})
     assert _first_replay_step([Sent(4, 3), Sent(4, 3)], steps) == 3
+
+
+def test_fit_in_place_adds_the_host_time_as_profiled(tmp_path: Path) -> None:
+    """The host time between step lines goes into the fitted profile as measured: by the
+    step's sequences and context where the profiling modelled it (host_gap_model), else
+    as one constant a step; provenance says which, and drift takes off exactly that."""
+    import yaml
+
+    from calibrate.drift import logged_time_profile
+    from calibrate.profile import load_profile
+    from calibrate.profiling import HostGap
+    from verify.run import fit_in_place
+
+    import pandas as pd
+
+    rows = pd.read_csv(ROOT / "reports" / "loop-tiny-vllm-cpu" / "verify" / "seqs8-mbt512" /
+                       "calibration" / "steps.csv")
+    steps = [tmp_path / "steps.csv"]
+    rows.iloc[::16].to_csv(steps[0], index=False)  # every regime, a sixteenth of the rows
+    entry = next(e for e in load_configs(TINY) if e.config_id == "seqs8-mbt512")
+    bare, _, n = fit_in_place(entry, steps, None, tmp_path / "bare.yaml", "test")
+    const, _, _ = fit_in_place(entry, steps, 1e-3, tmp_path / "const.yaml", "test")
+    host = HostGap(6e-4, 3e-5, 1.2e-7, 21, 2e-4)
+    model, _, _ = fit_in_place(entry, steps, 1e-3, tmp_path / "model.yaml", "test", host=host)
+    assert n > 100
+    p0, _ = load_profile(bare)
+    p1, m1 = load_profile(const)
+    p2, m2 = load_profile(model)
+    assert p1.step_overhead_s == pytest.approx(p0.step_overhead_s + 1e-3)
+    assert m1["provenance"]["host_step_gap_s"] == 1e-3
+    assert p2.step_overhead_s == pytest.approx(p0.step_overhead_s + 6e-4)
+    assert p2.per_seq_overhead_s == pytest.approx(p0.per_seq_overhead_s + 3e-5)
+    assert p2.per_context_token_s == pytest.approx(1.2e-7)
+    prov = m2["provenance"]
+    assert prov["host_step_gap_model"]["per_context_token_s"] == 1.2e-7
+    assert prov["host_step_gap_median_s"] == 1e-3 and "host_step_gap_s" not in prov
+    for prof, meta in ((p1, m1), (p2, m2)):
+        logged, note = logged_time_profile(prof, meta)
+        assert note and logged.to_dict() == pytest.approx(p0.to_dict())
+    assert yaml.safe_load(model.read_text())["timing"]["profile"]["per_context_token_s"] > 0
