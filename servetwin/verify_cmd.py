@@ -52,6 +52,10 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--engine-cpus", default=None, metavar="LIST",
                    help="pin the engine's processes to these processors, e.g. 0 or 0-3 "
                    "(small hosts: with --loadgen-cpus, keeps them off the load generator's)")
+    v.add_argument("--engine-core-cpus", default=None, metavar="LIST",
+                   help="vLLM: once the engine serves, move its EngineCore process to these "
+                   "processors, apart from the model worker (its loop spins while it waits "
+                   "for the worker; on a CPU host it would take the worker's core), e.g. 1")
     v.add_argument("--loadgen-cpus", default=None, metavar="LIST",
                    help="pin this process (load generator, scraper, predictions) to these "
                    "processors, e.g. 1")
@@ -104,6 +108,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         overrides += [f"timing.profile.{k}={v!r}" for k, v in profile.to_dict().items()]
     engine_cpus = cpu_list(args.engine_cpus, "--engine-cpus")
     loadgen_cpus = cpu_list(args.loadgen_cpus, "--loadgen-cpus")
+    core_cpus = cpu_list(args.engine_core_cpus, "--engine-core-cpus")
     if loadgen_cpus:
         if not engine_cpus:  # an engine started from here would inherit the pin
             engine_cpus = tuple(sorted(os.sched_getaffinity(0)))
@@ -116,7 +121,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         endpoints=args.endpoints,
         install=EngineInstall(python=args.engine_python, llama_server=args.llama_server,
                               env=env, extra_args=tuple(args.engine_arg),
-                              nice=args.engine_nice, cpus=engine_cpus),
+                              nice=args.engine_nice, cpus=engine_cpus,
+                              core_cpus=core_cpus),
         base_port=args.port, ready_timeout_s=args.ready_timeout,
         stall_timeout_s=args.stall_timeout, scrape_interval_s=args.scrape_interval,
         warmup_requests=args.warmup, overrides=overrides, seed=args.seed, force=args.force,

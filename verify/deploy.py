@@ -106,6 +106,8 @@ class Deployment:
                                   f"{log_tail(self.log_path)}")
             if health_ok(self.spec.health_url):
                 self.ready_s = time.monotonic() - t0
+                if self.spec.core_cpus:
+                    self._pin_engine_core()
                 return self.ready_s
             if time.monotonic() > deadline:
                 raise DeployError(f"{self.spec.engine} did not become healthy at "
@@ -113,6 +115,29 @@ class Deployment:
                                   f"log {self.log_path}:\n    {log_tail(self.log_path)}\n"
                                   "Fix: read the log; raise --ready-timeout for slow starts")
             time.sleep(0.25)
+
+    def _pin_engine_core(self) -> None:
+        """Every thread of vLLM's EngineCore process (its title ``VLLM::EngineCore``) onto
+        spec.core_cpus: it serves, so its threads are up; a thread it starts later
+        inherits the pin of the thread that starts it."""
+        assert self.proc is not None
+        cores = [p for p in group_members(self.proc.pid) if _comm(p).startswith(CORE_TITLE)]
+        if not cores:
+            self.stop()
+            raise DeployError(f"{self.spec.engine}: no {CORE_TITLE} process to pin to CPU(s) "
+                              f"{list(self.spec.core_cpus)} among the engine's processes. "
+                              "Fix: --engine-core-cpus applies to vLLM V1, which runs its "
+                              "engine loop in a process of that name; leave it out otherwise")
+        try:
+            for pid in cores:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.sched_setaffinity(int(tid), self.spec.core_cpus)
+        except OSError as e:
+            self.stop()
+            raise DeployError(f"{self.spec.engine}: cannot pin {CORE_TITLE} to CPU(s) "
+                              f"{list(self.spec.core_cpus)} ({e.strerror or e}). Fix: give "
+                              "--engine-core-cpus from this machine's processors") from None
 
     def stop(self) -> None:
         """SIGTERM the group, wait, SIGKILL what is left. Idempotent."""
@@ -159,6 +184,18 @@ def health_ok(url: str, timeout_s: float = 2.0) -> bool:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+# vLLM V1 names its engine loop's process so (setproctitle; /proc/PID/comm keeps 15 bytes)
+CORE_TITLE = "VLLM::EngineCor"
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def group_members(pgid: int) -> list[int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from sim.errors import ConfigError
+from sim.errors import ConfigError, InputError
 from sim.scenario import Scenario, SglangEngineSpec, VllmEngineSpec
 
 ENGINES = ("vllm", "sglang", "llamacpp")
@@ -45,6 +45,12 @@ class EngineInstall:
     # small host, engine and its API server on one set and the load generator on another
     # keep the generator's schedule without sharing a core
     cpus: tuple[int, ...] = ()
+    # processors for vLLM's EngineCore process alone, once it serves (empty: as cpus). Its
+    # loop waits for the model worker's output by spinning (sched_yield) for up to 1 s
+    # after each read (vllm-project/vllm:vllm/distributed/device_communicators/
+    # shm_broadcast.py @ v0.32.0, SpinCondition): on a GPU host that costs a spare core;
+    # on a CPU host it takes the model worker's core whenever the scheduler puts it there
+    core_cpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class LaunchSpec:
     notes: tuple[str, ...] = ()
     nice: int = 0
     cpus: tuple[int, ...] = ()
+    core_cpus: tuple[int, ...] = ()  # EngineInstall.core_cpus
 
     @property
     def base_url(self) -> str:
@@ -91,8 +98,15 @@ def render(engine: str, scenario: Scenario, model_path: str, *, port: int,
                      "keeps its schedule on a shared core")
     if install.cpus:
         notes.append(f"engine processes pinned to CPU(s) {','.join(map(str, install.cpus))}")
+    if install.core_cpus:
+        if engine != "vllm":
+            raise InputError("--engine-core-cpus", f"{engine} has no EngineCore process",
+                             "give it for vLLM only")
+        notes.append(f"vLLM's EngineCore pinned to CPU(s) "
+                     f"{','.join(map(str, install.core_cpus))} once it serves, apart from "
+                     "its model worker")
     return LaunchSpec(engine, argv, {**env, **install.env}, host, port, served_model_name,
-                      tuple(notes), install.nice, install.cpus)
+                      tuple(notes), install.nice, install.cpus, install.core_cpus)
 
 
 def check_engine_fits(engine: str, scenario: Scenario, where: str = "the config") -> None:

@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     from verify import testbed
 
     out = args.out or str(ROOT / "reports" / f"verify-tiny-{args.engine}-cpu")
-    # a small host: the engine's processes on core 0, the load generator alone on core 1
+    # a small host: the engine's processes on core 0, the load generator on core 1
     # (sharing a core, even at nice 10 for the engine, cost p99 send lag 3.3 ms against
-    # 1.0-1.5 ms pinned)
-    pin = (["--engine-cpus", "0", "--loadgen-cpus", "1"] if len(os.sched_getaffinity(0)) >= 2
+    # 1.0-1.5 ms pinned), and vLLM's EngineCore, which spins while its worker computes, on
+    # core 1 too, off the worker's core
+    two = len(os.sched_getaffinity(0)) >= 2
+    pin = (["--engine-cpus", "0", "--loadgen-cpus", "1",
+            *(["--engine-core-cpus", "1"] if args.engine == "vllm" else [])] if two
            else ["--engine-nice", "10"])
     common = [str(SCENARIOS[args.engine]), "--engine", args.engine, "--out", out, *pin,
               *[a for s in args.set for a in ("--set", s)], *(["--force"] if args.force else []),

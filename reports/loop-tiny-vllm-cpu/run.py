@@ -19,21 +19,27 @@ tiny_vllm_cpu.yaml: 218 Mooncake requests, three configs). For each config it
 then writes the errors against the calibrate issue's bounds (p50 within 10 %, p90 within
 15 %) -> ``numbers.json``; how far each engine moved across its replay, and what the
 prediction would have been with the profile measured after the replay, with both
-profiling runs pooled, or with the profile it used less the API server's time per request
-(``frontend_s``, measured from the plan's bursts) (diagnostics, not the loop's result) ->
+profiling runs pooled, with the profile it used less the API server's time per request
+(``frontend_s``, measured from the plan's bursts), at the robust fit's level, or with the
+host time between steps one constant a step instead of by the step's sequences and context
+(calibrate.profiling.host_gap_model) (diagnostics, not the loop's result) ->
 ``recheck.json``; and runs the end-to-end refit from the first config's profile ->
 ``refit.json`` / ``profile.refit.yaml``. ``--again`` derives those from a run already in
 ``--out``, without an engine.
 
 Profiling each deployment right before its replay keeps the host's state (this 2-core
 host drifts by +-20 % over minutes) and the config's own knobs the same in both. The CPU
-arrangement is the verify command's: vLLM's CPU build binds its compute thread to core 0;
-the load generator and profiling driver run on core 1 (``--loadgen-cpus 1``).
+arrangement: the engine's API server and model worker on core 0 (``--engine-cpus 0``; vLLM's
+CPU build binds the worker's compute thread there itself), its EngineCore on core 1
+(``--engine-core-cpus 1``: it spins while the worker computes, and on core 0 it took up to
+a third of the worker's time), the load generator and profiling driver on core 1
+(``--loadgen-cpus 1``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -81,7 +87,8 @@ def run_loop(args: argparse.Namespace, out: Path, vdir: Path) -> int:
         "--engine-python", str(vllm.python), "--model-path", str(model),
         "--served-model-name", "tiny", "--out", str(vdir), "--calibrate-first",
         args.plan, "--recheck-after", *(["--only", *args.only] if args.only else []),
-        *(["--loadgen-cpus", "1"] if pin else []),
+        *(["--engine-cpus", "0", "--engine-core-cpus", "1", "--loadgen-cpus", "1"]
+          if pin else []),
         *[a for k, v in vllm.env.items() for a in ("--engine-env", f"{k}={v}")]])
 
 
@@ -160,8 +167,14 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
         plain.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         robust = cal / "after" / "profile.robust-level.yaml"
         _write_robust_level(cal / "profile.yaml", robust, row["level_factor"])
-        for name, prof in (("after", cal / "after" / "profile.yaml"), ("pooled", pooled),
-                           ("no_frontend", plain), ("robust_level", robust)):
+        # and with the host time between steps as the one constant a step it was before
+        # calibrate.profiling.host_gap_model: the phases' median
+        const = cal / "after" / "profile.constant-host-gap.yaml"
+        what_ifs = [("after", cal / "after" / "profile.yaml"), ("pooled", pooled),
+                    ("no_frontend", plain), ("robust_level", robust)]
+        if _write_constant_host_gap(cal / "profile.yaml", const):
+            what_ifs.append(("constant_host_gap", const))
+        for name, prof in what_ifs:
             res, _ = predict(entries[cid], blocks, prof)
             row[f"errors_with_{name}_profile"] = {
                 f"{m}.{s}": res.summary[m][s] / c["measured_summary"][m][s] - 1
@@ -181,6 +194,11 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
     for cid, row in out.items():
         print(f"{cid:<18}x {row['level_factor']:.3f}  " + " ".join(
             f"{100 * v:+.1f}%" for v in row["errors_with_robust_level_profile"].values()))
+    print("\nconfig            errors predicted with the host time between steps one constant")
+    for cid, row in out.items():
+        if "errors_with_constant_host_gap_profile" in row:
+            print(f"{cid:<18}" + " ".join(f"{100 * v:+.1f}%" for v in
+                                          row["errors_with_constant_host_gap_profile"].values()))
     return out
 
 
@@ -200,6 +218,27 @@ def _write_robust_level(profile_yaml: Path, out: Path, factor: float) -> None:
     doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
     doc["timing"]["profile"] = (with_host_time(plain, parts) if parts else plain).to_dict()
     out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+
+
+def _write_constant_host_gap(profile_yaml: Path, out: Path) -> bool:
+    """The profile with the host time between steps it added by the step
+    (provenance.host_step_gap_model) replaced by the profiling phases' median, one constant
+    a step (provenance.host_step_gap_median_s), as every profile had it before; False where
+    the profile has no model."""
+    from calibrate.drift import logged_time_profile
+    from calibrate.profile import load_profile
+
+    profile, meta = load_profile(profile_yaml)
+    prov = meta.get("provenance") or {}
+    if "host_step_gap_model" not in prov or prov.get("host_step_gap_median_s") is None:
+        return False
+    logged, _ = logged_time_profile(profile, meta)
+    gap = max(float(prov["host_step_gap_median_s"]), 0.0)
+    doc = yaml.safe_load(profile_yaml.read_text(encoding="utf-8"))
+    doc["timing"]["profile"] = dataclasses.replace(
+        logged, step_overhead_s=logged.step_overhead_s + gap).to_dict()
+    out.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return True
 
 
 def _phases(csv: Path) -> list[dict]:

@@ -165,3 +165,34 @@ def test_committed_loop_at_the_robust_level(tmp_path: Path) -> None:
         return path
 
     _what_if("robust_level", robust)
+
+
+def test_committed_loop_with_the_host_time_one_constant(tmp_path: Path) -> None:
+    """Each profile's host time between steps is the model its own profiling phases give
+    (calibrate.profiling.host_gap_model on steps.phases.csv, exactly), and each config
+    predicted with that replaced by the phases' median, one constant a step (as before the
+    model)."""
+    import importlib.util
+
+    import yaml
+
+    from calibrate.profiling import host_gap_model
+
+    spec = importlib.util.spec_from_file_location("loop_run", LOOP / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+
+    def constant(cid: str, cdir: Path, row: dict) -> Path:
+        cal = cdir / "calibration"
+        doc = yaml.safe_load((cal / "profile.yaml").read_text(encoding="utf-8"))
+        host = host_gap_model(run._phases(cal / "steps.phases.csv"))
+        assert host is not None and host.num_phases >= 15
+        assert doc["provenance"]["host_step_gap_model"] == pytest.approx(host.to_dict())
+        assert doc["timing"]["profile"]["per_context_token_s"] == pytest.approx(
+            host.per_context_token_s)
+        path = tmp_path / f"{cid}.yaml"
+        assert run._write_constant_host_gap(cal / "profile.yaml", path)
+        return path
+
+    _what_if("constant_host_gap", constant)

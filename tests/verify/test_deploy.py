@@ -29,6 +29,13 @@ SERVER = textwrap.dedent("""
             "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
     elif sys.argv[3] == "child":
         subprocess.Popen(["sleep", "600"])
+    elif sys.argv[3] == "core-child":
+        # named as vLLM V1 names its engine loop's process, with a second thread
+        subprocess.Popen([sys.executable, "-c",
+            "import threading, time; open('/proc/self/comm', 'w').write('VLLM::EngineCore'); "
+            "threading.Thread(target=time.sleep, args=(600,), daemon=True).start(); "
+            "time.sleep(600)"])
+        import time; time.sleep(0.5)  # named before /health answers
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(status if self.path == "/health" else 404)
@@ -147,6 +154,39 @@ def test_pinned_engine_runs_on_its_processors_children_included(tmp_path: Path) 
         members = group_members(d.pgid)
         assert len(members) == 2
         assert all(os.sched_getaffinity(p) == {cpu} for p in members)
+
+
+def test_engine_core_moves_to_its_own_processors_once_serving(tmp_path: Path) -> None:
+    """--engine-core-cpus: every thread of the process titled VLLM::EngineCore goes to
+    its processors once the engine serves; the other processes keep the engine's."""
+    have = sorted(os.sched_getaffinity(0))
+    main, core = have[0], have[-1]
+    s = spec(tmp_path, mode="core-child")
+    s = LaunchSpec(s.engine, s.argv, s.env, s.host, s.port, s.served_model_name,
+                   cpus=(main,), core_cpus=(core,))
+    with Deployment(s, tmp_path / "e.log") as d:
+        assert d.pgid is not None
+        members = group_members(d.pgid)
+        assert len(members) == 2
+        titled = [p for p in members if Path(f"/proc/{p}/comm").read_text().strip()
+                  == "VLLM::EngineCor"]
+        assert len(titled) == 1
+        threads = os.listdir(f"/proc/{titled[0]}/task")
+        assert len(threads) == 2
+        assert all(os.sched_getaffinity(int(t)) == {core} for t in threads)
+        assert os.sched_getaffinity(d.pgid) == {main}
+    assert group_members(d.pgid) == []
+
+
+def test_engine_core_pin_without_an_engine_core_is_a_clear_error(tmp_path: Path) -> None:
+    s = spec(tmp_path)
+    cpu = min(os.sched_getaffinity(0))
+    s = LaunchSpec(s.engine, s.argv, s.env, s.host, s.port, s.served_model_name,
+                   core_cpus=(cpu,))
+    d = Deployment(s, tmp_path / "e.log")
+    with pytest.raises(DeployError, match="no VLLM::EngineCor process"), d:
+        pass
+    assert d.pgid is not None and group_members(d.pgid) == []
 
 
 def test_processor_lists() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sim.errors import ConfigError
+from sim.errors import ConfigError, InputError
 from sim.scenario import Scenario
 from verify.engines import EngineInstall, render
 
@@ -86,6 +86,16 @@ def test_extra_args_and_env_are_appended() -> None:
     spec = render("vllm", make_scenario(), "/m", port=1,
                   install=EngineInstall(env={"A": "1"}, extra_args=("--enforce-eager",)))
     assert spec.argv[-1] == "--enforce-eager" and spec.env["A"] == "1"
+
+
+def test_engine_core_processors_are_for_vllm_only() -> None:
+    spec = render("vllm", make_scenario(), "/m", port=1,
+                  install=EngineInstall(cpus=(0,), core_cpus=(1,)))
+    assert spec.cpus == (0,) and spec.core_cpus == (1,)
+    assert any("EngineCore pinned to CPU(s) 1" in n for n in spec.notes)
+    with pytest.raises(InputError, match="llamacpp has no EngineCore"):
+        render("llamacpp", make_scenario(max_model_len=2048), "/m", port=1,
+               install=EngineInstall(core_cpus=(1,)))
 
 
 def test_unknown_engine_is_a_clear_error() -> None:

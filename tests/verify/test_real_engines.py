@@ -120,18 +120,23 @@ def calibrated_loop(vllm_bed: tuple[testbed.VllmTestbed, Path],
     never sends), fits that engine's profile from those steps alone, replays the trace on
     the same engine and predicts it with that profile, compares the replay's own steps with
     the profile, then profiles the engine once more after the replay (--recheck-after).
-    The load generator runs off the engine's compute core, as in
-    reports/loop-tiny-vllm-cpu/run.py. Returns (out dir, its comparison, model path)."""
+    The CPUs are arranged as in reports/loop-tiny-vllm-cpu/run.py: the engine's API
+    server and model worker on the first, its EngineCore (which spins while the worker
+    computes) and the load generator on the last. Returns (out dir, its comparison,
+    model path)."""
     vllm, model = vllm_bed
     out = tmp_path_factory.mktemp("loop")
     cpus = os.sched_getaffinity(0)
+    two = len(cpus) >= 2
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
-                         install=EngineInstall(python=str(vllm.python), env=vllm.env,
-                                               cpus=tuple(sorted(cpus))),
+                         install=EngineInstall(
+                             python=str(vllm.python), env=vllm.env,
+                             cpus=(min(cpus),) if two else tuple(sorted(cpus)),
+                             core_cpus=(max(cpus),) if two else ()),
                          base_port=18341, overrides=LOOP_SLICE, ready_timeout_s=400,
                          only=["seqs8-mbt512"], calibrate_plan="default",
                          recheck_after=True)
-    if len(cpus) >= 2:
+    if two:
         os.sched_setaffinity(0, {max(cpus)})
     try:
         verify(TINY, out, opts)

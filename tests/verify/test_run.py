@@ -171,14 +171,13 @@ def test_fit_in_place_adds_the_host_time_as_profiled(tmp_path: Path) -> None:
     """The host time between step lines goes into the fitted profile as measured: by the
     step's sequences and context where the profiling modelled it (host_gap_model), else
     as one constant a step; provenance says which, and drift takes off exactly that."""
+    import pandas as pd
     import yaml
 
     from calibrate.drift import logged_time_profile
     from calibrate.profile import load_profile
     from calibrate.profiling import HostGap
     from verify.run import fit_in_place
-
-    import pandas as pd
 
     rows = pd.read_csv(ROOT / "reports" / "loop-tiny-vllm-cpu" / "verify" / "seqs8-mbt512" /
                        "calibration" / "steps.csv")
