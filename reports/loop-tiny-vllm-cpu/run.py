@@ -165,13 +165,21 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
         row["level_factor"] = float(doc["provenance"].get("level_factor", 1.0))
         doc["timing"]["profile"]["frontend_s"] = 0.0
         plain.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        # and without the time the steps after a request's last token take beyond the
+        # model (finish_s, calibrate.fit.finish_cost)
+        row["finish_s"] = float(doc["timing"]["profile"].get("finish_s", 0.0))
+        no_finish = cal / "after" / "profile.no-finish.yaml"
+        nf = yaml.safe_load((cal / "profile.yaml").read_text(encoding="utf-8"))
+        nf["timing"]["profile"]["finish_s"] = 0.0
+        no_finish.write_text(yaml.safe_dump(nf, sort_keys=False), encoding="utf-8")
         robust = cal / "after" / "profile.robust-level.yaml"
         _write_robust_level(cal / "profile.yaml", robust, row["level_factor"])
         # and with the host time between steps as the one constant a step it was before
         # calibrate.profiling.host_gap_model: the phases' median
         const = cal / "after" / "profile.constant-host-gap.yaml"
         what_ifs = [("after", cal / "after" / "profile.yaml"), ("pooled", pooled),
-                    ("no_frontend", plain), ("robust_level", robust)]
+                    ("no_frontend", plain), ("robust_level", robust),
+                    ("no_finish", no_finish)]
         if _write_constant_host_gap(cal / "profile.yaml", const):
             what_ifs.append(("constant_host_gap", const))
         for name, prof in what_ifs:
@@ -190,6 +198,10 @@ def what_if(vdir: Path, comp: dict) -> dict[str, dict]:
     for cid, row in out.items():
         print(f"{cid:<18}{1e3 * row['frontend_s']:5.2f} ms  " + " ".join(
             f"{100 * v:+.1f}%" for v in row["errors_with_no_frontend_profile"].values()))
+    print("\nconfig            time after each finish; errors predicted without it")
+    for cid, row in out.items():
+        print(f"{cid:<18}{1e3 * row['finish_s']:5.2f} ms  " + " ".join(
+            f"{100 * v:+.1f}%" for v in row["errors_with_no_finish_profile"].values()))
     print("\nconfig            mean level; errors predicted at the robust fit's level")
     for cid, row in out.items():
         print(f"{cid:<18}x {row['level_factor']:.3f}  " + " ".join(

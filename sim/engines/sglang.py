@@ -178,6 +178,10 @@ class SglangEngine:
         self.config = config
         self.fast_forward = fast_forward
         self.timing = timing
+        # host time per finished request, paid by the next step (TimingProfile.finish_s);
+        # _host_until: when the host's work for the requests finished so far ends
+        self._finish_s = float(getattr(timing, "finish_s", 0.0))
+        self._host_until = 0.0
         self.hash_block_tokens = hash_block_tokens
         self.pool = RadixCache(config.max_total_tokens, config.page_size,
                                config.radix_eviction_policy, config.enable_prefix_caching)
@@ -467,6 +471,10 @@ class SglangEngine:
     # ------------------------------------------------------------------ time
     def _time(self, plan: SglangPlan, now: float, decode: bool) -> None:
         plan.first_step = self.steps.num_steps
+        # what is left at ``now`` of the host's work for requests that finished
+        # (VllmEngine._time)
+        host = self._host_until - now if self._host_until > now else 0.0
+        self._host_until = 0.0
         plan.waiting_len = len(self.waiting)
         plan.used = self.pool.num_used
         # a run starts from a decode batch (no extend batch formed: a one-token
@@ -476,12 +484,14 @@ class SglangEngine:
             k = self._plan_run(plan)
             if k > 1:
                 dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)
+                dts[0] += host
                 dts[0] += now  # a running sum from now, added in step-by-step order
                 plan.ends = np.cumsum(dts)
                 return
             plan.requests = []
             plan.num_steps = 1
         dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
+        dt += host
         plan.ends = [now + dt]
 
     def _plan_run(self, plan: SglangPlan) -> int:
@@ -646,6 +656,8 @@ class SglangEngine:
                 req.finish_s = end
                 self._cache_computed(req)  # cache_finished_req
                 self._release(req, retract=False)
+                if self._finish_s:
+                    self._host_until = max(self._host_until, end) + self._finish_s
         return done
 
     def _commit_run(self, plan: SglangPlan, lo: int, hi: int) -> list[Request]:

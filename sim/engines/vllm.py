@@ -142,6 +142,10 @@ class VllmEngine:
             raise ValueError("fast-forward runs rest on the decode cohort")
         self.config = config
         self.timing = timing
+        # host time per finished request, paid by the next step (TimingProfile.finish_s);
+        # _host_until: when the host's work for the requests finished so far ends
+        self._finish_s = float(getattr(timing, "finish_s", 0.0))
+        self._host_until = 0.0
         self.fast_forward = fast_forward
         self._use_cohort = cohort
         self.pool = BlockPool(config.num_gpu_blocks, config.block_size, hash_block_tokens,
@@ -587,6 +591,10 @@ class VllmEngine:
     # ------------------------------------------------------------------ time
     def _time(self, plan: StepPlan, now: float, refused: bool) -> None:
         plan.first_step = self.steps.num_steps
+        # what is left at ``now`` of the host's work for requests that finished: the
+        # step shares the host with it (none if the engine idled through it)
+        host = self._host_until - now if self._host_until > now else 0.0
+        self._host_until = 0.0
         plan.waiting_len = len(self.waiting)
         used0 = self.pool.num_used
         if (self.fast_forward and plan.num_p == 0 and not plan.preempted and refused
@@ -604,6 +612,7 @@ class VllmEngine:
             k = self._plan_run(plan)
             if k > 1:
                 dts = self.timing.decode_run_times(plan.num_d, plan.ctx_d, k)
+                dts[0] += host
                 dts[0] += now  # a running sum from now, added in step-by-step order
                 plan.ends = np.cumsum(dts)
                 plan.used = [used0]
@@ -611,6 +620,7 @@ class VllmEngine:
             plan.is_run = False
             plan.num_steps = 1
         dt = self.timing.step_time(plan.num_p, plan.work_p, plan.seqs_p, plan.num_d, plan.ctx_d)
+        dt += host
         dt += plan.load_s
         plan.ends = [now + dt]
         plan.used = [used0]
@@ -843,6 +853,9 @@ class VllmEngine:
             else:
                 req.finish_s = end
                 self.pool.free(_take_blocks(req))
+                if self._finish_s:
+                    # the host ends the response while the engine runs on
+                    self._host_until = max(self._host_until, end) + self._finish_s
         return done
 
     def release(self, req: Request) -> None:

@@ -49,6 +49,7 @@ class Truth:
     chunks: list[tuple[int, int]]  # (new tokens n, tokens before c)
     contexts: list[int]  # decode context lengths, the new token included
     emitted: list[int]  # the requests that got a token from it (decoders, finished prompts)
+    busy_after: bool = False  # an admitted request is still in flight after the step
 
 
 def make_log(requests: list[tuple[int, int, int]], max_num_batched_tokens: int,
@@ -98,6 +99,7 @@ def make_log(requests: list[tuple[int, int, int]], max_num_batched_tokens: int,
             if r["done"] == r["p"]:
                 r["gen"] = 1
         running = [r for r in running if r["gen"] < r["o"]]
+        truths[-1].busy_after = bool(running)
         step += 1
     return lines, truths
 
@@ -142,6 +144,16 @@ def test_join_recovers_every_step(requests: list[tuple[int, int, int]], budget: 
         assert row["num_prefill_seqs"] == len(t.chunks)
         assert row["num_decode_seqs"] == len(t.contexts)
         assert row["decode_context_tokens"] == sum(t.contexts)
+    # the requests whose last token each step produced (calibrate.fit.finish_cost)
+    tokens = [0] * len(requests)
+    for row, t in zip(j.rows, truths, strict=True):
+        ends = 0
+        for k in t.emitted:
+            tokens[k] += 1
+            ends += tokens[k] == requests[k][1]
+        # counted where the engine runs on: a request still in flight after the step
+        assert row["finished"] == (ends if t.busy_after else 0)
+    assert sum(r["finished"] for r in j.rows) < len(requests)
 
 
 def test_client_token_times_give_the_host_time_before_each_decode_step() -> None:

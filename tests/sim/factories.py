@@ -15,7 +15,9 @@ class LinearTiming:
     """Test double: step = base + per_prefill_token*P + per_decode_seq*D + per_context*C."""
 
     def __init__(self, base: float = 1.0, per_prefill_token: float = 0.1,
-                 per_decode_seq: float = 0.5, per_context: float = 0.0) -> None:
+                 per_decode_seq: float = 0.5, per_context: float = 0.0,
+                 finish_s: float = 0.0) -> None:
+        self.finish_s = finish_s  # TimingProfile.finish_s, read by the engines
         self.base = base
         self.p = per_prefill_token
         self.d = per_decode_seq
