@@ -196,3 +196,43 @@ def test_committed_loop_with_the_host_time_one_constant(tmp_path: Path) -> None:
         return path
 
     _what_if("constant_host_gap", constant)
+
+
+def test_committed_loop_without_the_finish_cost(tmp_path: Path) -> None:
+    """Each profile's finish_s is calibrate.fit.finish_cost on its own profiling rows and
+    their events against the robust fit of those rows, exactly; and each config predicted
+    with it 0 (as every profile had before it was measured)."""
+    import yaml
+
+    from calibrate import measurements
+    from calibrate.fit import finish_cost, fit
+    from calibrate.fit import predict as predict_rows
+    from calibrate.profiling import read_events
+    from sim.simulate import resolve
+
+    entries = {e.config_id: e for e in load_configs(TINY)}
+
+    def no_finish(cid: str, cdir: Path, row: dict) -> Path:
+        cal = cdir / "calibration"
+        doc = yaml.safe_load((cal / "profile.yaml").read_text(encoding="utf-8"))
+        steps = measurements.read(cal / "steps.csv")
+        ev = read_events(cal / "steps.csv", len(steps))
+        assert ev is not None
+        r = resolve(entries[cid].loaded)
+        robust = fit(steps, r.model, r.gpu, 1, "bf16")
+        got = finish_cost(steps["measured_s"].to_numpy(),
+                          predict_rows(steps, r.model, r.gpu, 1, "bf16", robust.profile),
+                          ev["phase"].to_numpy(), ev["finished"].to_numpy())
+        assert got is not None
+        stored = doc["provenance"]["finish_cost"]
+        assert stored["lag_s"] == pytest.approx(got.lag_s)
+        assert stored["num_events"] == got.num_events
+        assert stored["finish_s"] == pytest.approx(got.finish_s)
+        assert row["finish_s"] == doc["timing"]["profile"]["finish_s"] == pytest.approx(
+            got.finish_s)
+        doc["timing"]["profile"]["finish_s"] = 0.0
+        path = tmp_path / f"{cid}.yaml"
+        path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        return path
+
+    _what_if("no_finish", no_finish)
