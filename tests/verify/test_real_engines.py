@@ -112,20 +112,8 @@ def test_verify_on_real_vllm_cpu(vllm_bed: tuple[testbed.VllmTestbed, Path],
     assert engine_processes(str(model)) == []
 
 
-@pytest.fixture(scope="module")
-def calibrated_loop(vllm_bed: tuple[testbed.VllmTestbed, Path],
-                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
-    """One run of the calibrate loop on seqs8, shared by the tests below: verify profiles
-    the engine it just started (calibrate.profiling's default plan, a workload the replay
-    never sends), fits that engine's profile from those steps alone, replays the trace on
-    the same engine and predicts it with that profile, compares the replay's own steps with
-    the profile, then profiles the engine once more after the replay (--recheck-after).
-    The CPUs are arranged as in reports/loop-tiny-vllm-cpu/run.py: the engine's API
-    server and model worker on the first, its EngineCore (which spins while the worker
-    computes) and the load generator on the last. Returns (out dir, its comparison,
-    model path)."""
-    vllm, model = vllm_bed
-    out = tmp_path_factory.mktemp("loop")
+def _run_loop(vllm: testbed.VllmTestbed, model: Path, out: Path) -> dict:
+    """verify --calibrate-first --recheck-after on seqs8 into ``out``; its comparison."""
     cpus = os.sched_getaffinity(0)
     two = len(cpus) >= 2
     opts = VerifyOptions(engine="vllm", model_path=str(model), served_model_name="tiny",
@@ -143,7 +131,24 @@ def calibrated_loop(vllm_bed: tuple[testbed.VllmTestbed, Path],
     finally:
         os.sched_setaffinity(0, cpus)
     (c,) = check_run(out, 1, 218)
-    return out, c, model
+    return c
+
+
+@pytest.fixture(scope="module")
+def calibrated_loop(vllm_bed: tuple[testbed.VllmTestbed, Path],
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """One run of the calibrate loop on seqs8, shared by the tests below: verify profiles
+    the engine it just started (calibrate.profiling's default plan, a workload the replay
+    never sends), fits that engine's profile from those steps alone, replays the trace on
+    the same engine and predicts it with that profile, compares the replay's own steps with
+    the profile, then profiles the engine once more after the replay (--recheck-after).
+    The CPUs are arranged as in reports/loop-tiny-vllm-cpu/run.py: the engine's API
+    server and model worker on the first, its EngineCore (which spins while the worker
+    computes) and the load generator on the last. Returns (out dir, its comparison,
+    model path)."""
+    vllm, model = vllm_bed
+    out = tmp_path_factory.mktemp("loop")
+    return out, _run_loop(vllm, model, out), model
 
 
 def test_verify_calibrating_each_engine_first(calibrated_loop: tuple[Path, dict, Path]
@@ -205,46 +210,63 @@ def test_verify_calibrating_each_engine_first(calibrated_loop: tuple[Path, dict,
     assert engine_processes(str(model)) == []
 
 
-@pytest.mark.bench
-def test_calibrated_loop_within_the_issues_bounds(calibrated_loop: tuple[Path, dict, Path]
-                                                  ) -> None:
+# A replay is a valid measurement of the twin when the engine ran its steps at the speed it
+# was profiled at: all the replay's own steps (joined with their batches) within this of
+# the time the twin gives them (done.json served.total_error). Set from the nine config
+# runs with the finish cost of 2026-11-28, before the runs it has judged since: the three
+# misses had +5.7, +6.0 and +9.6 %, the six passes -3.0 ... +2.1 %
+# (reports/loop-tiny-vllm-cpu/README.md).
+STEP_LEVEL_BOUND = 0.05
+ATTEMPTS = 3
+
+
+def _errors(c: dict) -> dict[str, float]:
+    return {f"{m} {s}": c["predicted_summary"][m][s] / c["measured_summary"][m][s] - 1
+            for m in ("ttft_s", "tpot_s") for s in ("p50", "p90")}
+
+
+def test_calibrated_loop_within_the_issues_bounds(
+        calibrated_loop: tuple[Path, dict, Path], vllm_bed: tuple[testbed.VllmTestbed, Path],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
     """The calibrate issue's bounds (p50 within 10 %, p90 within 15 %) on the live replay of
     the loop above (seqs8, the whole reference minute: 218 Mooncake requests), predicted
-    from the profile of the same engine measured before the replay: a fidelity benchmark
-    on real hardware, `python -m pytest -m bench -k issues_bounds
-    tests/verify/test_real_engines.py` (~2.5 min), not in the default run.
+    from the profile of the same engine measured before the replay.
 
-    It gated CI until 2026-11-27, when on the 2-core VM it passed 1 run in 3 or 4. Two
-    causes were found and fixed on 2026-11-28: the host time between steps grows with the
-    step's sequences and context (calibrate.profiling.host_gap_model; a constant left the
-    twin's TPOT 5-8 % fast), and vLLM's EngineCore, which spins while its model worker
-    computes, was at times scheduled on the worker's core and slowed the replay's steps by
-    10-14 % (verify --engine-core-cpus, used by the fixture). With both it passed 11 runs
-    of 12 (one of them a CI run); the miss had TTFT p50 -13.2 % with the replay's decode
-    steps and host time as profiled and its prefill and mixed steps 5-7 % slower: TTFT is
-    mostly queueing, which multiplies an error in the steps that hold a seat. One miss in
-    twelve is still too many to gate CI on. The failure message carries the replay's own
-    step errors, their trend over the replay, the host time between steps during the
-    replay against the profiled one, and the engine's drift across the replay, to tell a
-    timing-model error from an engine or host that moved (reports/loop-tiny-vllm-cpu/
-    README.md lists every run)."""
+    The bounds are asserted on the first valid replay: one whose engine ran its own steps
+    within STEP_LEVEL_BOUND of the time the twin gives those very steps (the replay's steps
+    joined with their batches, calibration/served). On the 2-core VM the engine's speed
+    moves by 5-10 % between launches and, now and then, between its profiling and its
+    replay a minute later (the replay's steps then ran +5.7 to +9.6 % long in all, in three
+    config runs of nine on 2026-11-28, and the twin missed by 11-16 %): no prediction made
+    from the profile could follow that, and such a replay is measured again, up to ATTEMPTS
+    replays, each on a fresh engine. A valid replay outside the bounds fails at once, and
+    so do ATTEMPTS invalid ones; a timing model wrong on the replay's steps makes every
+    replay invalid, so it fails too. The failure message carries every attempt's errors,
+    the replay's step errors by regime and sixth, and the engine's drift across it."""
+    vllm, model = vllm_bed
     tmp_path, c, _ = calibrated_loop
-    done = json.loads((tmp_path / "seqs8-mbt512" / "done.json").read_text())
-    recheck, served = done["recheck"], done["served"]
-    errors = {}
-    for m in ("ttft_s", "tpot_s"):
-        for s in ("p50", "p90"):
-            errors[f"{m} {s}"] = c["predicted_summary"][m][s] / c["measured_summary"][m][s] - 1
+    attempts = []
+    for i in range(ATTEMPTS):
+        if i:
+            tmp_path = tmp_path_factory.mktemp("loop-again")
+            c = _run_loop(vllm, model, tmp_path)
+        done = json.loads((tmp_path / "seqs8-mbt512" / "done.json").read_text())
+        served, recheck = done["served"], done["recheck"]
+        level = served["total_error"]
+        attempts.append({"errors": _errors(c), "replay's steps in all": level,
+                         "by regime": served["by_regime"],
+                         "decode by sixth": served["by_sixth"]["decode"],
+                         "engine drift across the replay": recheck["median_error"]
+                         - recheck["median_error_before"]})
+        if abs(level) <= STEP_LEVEL_BOUND:
+            break
+    else:
+        pytest.fail(f"the engine's steps moved beyond {STEP_LEVEL_BOUND:.0%} of the profile "
+                    f"in each of {ATTEMPTS} replays: {attempts}")
     bounds = {"p50": P50_BOUND, "p90": P90_BOUND}
-    assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), \
-        {"errors": errors, "engine drift across the replay": recheck,
-         "the replay's steps against the profile": served["by_regime"],
-         "by sixth of the replay": served["by_sixth"],
-         "host time between steps, replay / profiled": (served["host_gap_s"],
-                                                        served["host_gap_profiled_s"]),
-         "host time before decode steps by the token times, replay / profiled, by batch": (
-             served.get("host_gap_client_by_batch"),
-             served.get("host_gap_client_profiled_s"))}
+    errors = attempts[-1]["errors"]
+    print(f"\nissue's bounds: {len(attempts)} replay(s): {attempts}")
+    assert all(abs(e) <= bounds[k.split()[1]] for k, e in errors.items()), attempts
 
 
 def test_verify_on_real_llama_server(llama_bed: tuple[testbed.LlamaCppTestbed, Path],
