@@ -432,12 +432,11 @@ def fit_in_place(entry: ConfigEntry, steps: Sequence[Path], gap: float | None, p
             "the steps' elapsed, median over phases of >= 50 steps), added to "
             "step_overhead_s" if gap > 0 else "measured <= 0: not added")
     if finish is not None:
-        doc["provenance"]["finish_cost"] = finish.to_dict()
-        doc["provenance"]["finish_note"] = (
+        doc["provenance"].update(finish_cost=finish.to_dict(), finish_note=(
             "finish_s: how much longer than the fitted model the 1-3 steps after a "
             "request's last token ran, per finished request (calibrate.fit.finish_cost over "
             "the profiling's rows and their events); the twin adds it to the next step. "
-            "The level below is of the steps less it")
+            "The level below is of the steps less it"))
     doc["provenance"]["level"] = "mean"
     doc["provenance"]["level_factor"] = result.level_factor
     doc["provenance"]["level_note"] = (
